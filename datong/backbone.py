@@ -1,0 +1,452 @@
+"""The one shared Transformer: embeddings in, hidden states out.
+
+Every model in Datong is a stem (embedding of tokens, patches, ...) + this
+backbone + a head. It knows nothing of tokens, pixels or the mesh:
+parameters carry logical axis names (``embed, heads, kv_heads, kv, mlp,
+layers``) and the train loop maps them to mesh axes.
+
+    config = TransformerConfig.preset("vit-B")
+    hidden, aux = Transformer(config).apply(params, x)   # x [batch, length, width]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from datong.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from datong.ops.attention import attention as attention_op
+from datong.ops import masks as mask_ops
+from datong.ops import posemb
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+KERNEL_INITS = ("xavier_uniform", "normal")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Settings of the shared backbone. Validated once, at construction.
+
+  ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
+  parameters; norms, softmax and residual adds of statistics stay float32.
+  """
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  kv_heads: Optional[int] = None  # None: = heads (multi-head); 1: multi-query
+  head_dim: Optional[int] = None  # None: width // heads
+  activation: str = "gelu"
+  norm: str = "layernorm"
+  norm_position: str = "pre"  # "post" is BERT's original
+  norm_eps: float = 1e-6
+  final_norm: Optional[bool] = None  # None: True for pre-LN, False for post-LN
+  use_bias: bool = True
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  stochastic_depth: float = 0.0  # drop-path rate of the last block (linear in depth)
+  qk_norm: bool = False
+  cross_attention: bool = False  # decoder blocks of an encoder-decoder
+  rope: bool = False  # rotary position embedding in self-attention
+  rope_theta: float = 10_000.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
+  kernel_init: str = "xavier_uniform"
+  init_std: float = 0.02  # for kernel_init="normal"
+
+  def __post_init__(self):
+    def bad(field, why):
+      raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}: {why}")
+    for field in ("width", "depth", "heads", "mlp_dim"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+        bad(field, "must be a positive integer")
+    if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):
+      bad("kv_heads", f"must be a positive divisor of heads={self.heads}")
+    if self.head_dim is None and self.width % self.heads:
+      bad("heads", f"must divide width={self.width} (or set head_dim explicitly)")
+    if self.head_dim is not None and self.head_dim <= 0:
+      bad("head_dim", "must be positive")
+    if self.rope and self.resolved_head_dim % 2:
+      bad("rope", f"rotary embeddings need an even head_dim; got {self.resolved_head_dim}")
+    choices = dict(activation=ACTIVATIONS, norm=NORMS, norm_position=NORM_POSITIONS,
+                   remat=REMAT_POLICIES, kernel_init=KERNEL_INITS, dtype=DTYPES,
+                   param_dtype=DTYPES,
+                   attention_impl=ATTENTION_IMPLS)
+    for field, allowed in choices.items():
+      if getattr(self, field) not in allowed:
+        bad(field, f"choose one of {allowed}")
+    for field in ("dropout", "attention_dropout", "stochastic_depth"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        bad(field, "must be in [0, 1)")
+    if self.norm_eps <= 0:
+      bad("norm_eps", "must be positive")
+
+  @property
+  def resolved_kv_heads(self) -> int:
+    return self.heads if self.kv_heads is None else self.kv_heads
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.width // self.heads if self.head_dim is None else self.head_dim
+
+  @property
+  def has_final_norm(self) -> bool:
+    return self.norm_position == "pre" if self.final_norm is None else self.final_norm
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "TransformerConfig":
+    """A published size by name (see ``PRESETS``), with field overrides."""
+    if name not in PRESETS:
+      raise ValueError(f"Unknown backbone preset {name!r}; known: {sorted(PRESETS)}.")
+    return cls(**{**PRESETS[name], **overrides})
+
+
+def _vit(width, depth, heads, mlp_dim):
+  return dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
+              activation="gelu", norm_eps=1e-6, kernel_init="xavier_uniform")
+
+
+def _bert(width, depth, heads):
+  return dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width,
+              activation="gelu", norm_position="post", norm_eps=1e-12,
+              kernel_init="normal")
+
+
+def _gpt2(width, depth, heads):
+  return dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width,
+              activation="gelu_tanh", norm_eps=1e-5, kernel_init="normal")
+
+
+# All size variants, decoded in one place. ViT sizes from Dosovitskiy et al.
+# and Zhai et al. (Ti/S); BERT from Devlin et al.; GPT-2 from Radford et al.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(width=64, depth=2, heads=4, mlp_dim=128),
+    "vit-Ti": _vit(192, 12, 3, 768),
+    "vit-S": _vit(384, 12, 6, 1536),
+    "vit-B": _vit(768, 12, 12, 3072),
+    "vit-L": _vit(1024, 24, 16, 4096),
+    "vit-H": _vit(1280, 32, 16, 5120),
+    "bert-base": _bert(768, 12, 12),
+    "bert-large": _bert(1024, 24, 16),
+    "gpt2-small": _gpt2(768, 12, 12),
+    "gpt2-medium": _gpt2(1024, 24, 16),
+    "gpt2-large": _gpt2(1280, 36, 20),
+}
+
+
+def _kernel_init(config: TransformerConfig):
+  if config.kernel_init == "normal":
+    return nn.initializers.normal(config.init_std)
+  return nn.initializers.xavier_uniform()
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, statistics in float32."""
+  config: TransformerConfig
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kw = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+              param_dtype=cfg.params_dtype,
+              scale_init=_partitioned(nn.initializers.ones, (self.axis_name,)))
+    if cfg.norm == "rmsnorm":
+      return nn.RMSNorm(name="norm", **kw)(x)
+    return nn.LayerNorm(
+        bias_init=_partitioned(nn.initializers.zeros, (self.axis_name,)),
+        use_bias=True, name="norm", **kw)(x)
+
+
+class Attention(nn.Module):
+  """Multi-head (grouped-query) attention with optional rotary, qk-norm, cache."""
+  config: TransformerConfig
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, context=None, *, causal=False, mask=None, bias=None,
+               q_segment_ids=None, kv_segment_ids=None, positions=None,
+               cache=None, cache_index=None):
+    cfg = self.config
+    heads, kv_heads, head_dim = cfg.heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+    is_cross = context is not None
+    source = context if is_cross else x
+
+    def project(name, n_heads, head_axis, inputs):
+      return nn.DenseGeneral(
+          features=(n_heads, head_dim), axis=-1, use_bias=cfg.use_bias,
+          dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+          kernel_init=_partitioned(_kernel_init(cfg), ("embed", head_axis, "kv")),
+          bias_init=_partitioned(nn.initializers.zeros, (head_axis, "kv")),
+          name=name)(inputs)
+
+    q = project("query", heads, "heads", x)
+    k = project("key", kv_heads, "kv_heads", source)
+    v = project("value", kv_heads, "kv_heads", source)
+    q = _constrain(q, ("batch", "length", "heads", "kv"))
+    k = _constrain(k, ("batch", "length", "kv_heads", "kv"))
+    v = _constrain(v, ("batch", "length", "kv_heads", "kv"))
+    if cfg.qk_norm:
+      q = Norm(cfg, axis_name="kv", name="query_norm")(q)
+      k = Norm(cfg, axis_name="kv", name="key_norm")(k)
+    if cfg.rope and not is_cross:
+      q = posemb.apply_rotary(q, positions, theta=cfg.rope_theta)
+      k = posemb.apply_rotary(k, positions, theta=cfg.rope_theta)
+
+    new_cache = None
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+
+    dropout_rate = cfg.attention_dropout if self.train else 0.0
+    out = attention_op(
+        q, k, v, causal=causal, mask=mask, bias=bias,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        dropout_rate=dropout_rate,
+        dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
+        impl=cfg.attention_impl, logical_rules=nn.get_logical_axis_rules())
+    out = _constrain(out, ("batch", "length", "heads", "kv"))
+    out = nn.DenseGeneral(
+        features=cfg.width, axis=(-2, -1), use_bias=cfg.use_bias,
+        dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        kernel_init=_partitioned(_kernel_init(cfg), ("heads", "kv", "embed")),
+        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+        name="out")(out)
+    return out, new_cache
+
+
+def _activation(name: str, x):
+  if name == "gelu":
+    return nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return nn.gelu(x, approximate=True)
+  if name == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  if name == "relu":
+    return nn.relu(x)
+  raise ValueError(f"unknown activation {name!r}")
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block; gated variants for swiglu / geglu."""
+  config: TransformerConfig
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+
+    def dense(name, features, axes, inputs):
+      return nn.Dense(
+          features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+          param_dtype=cfg.params_dtype,
+          kernel_init=_partitioned(_kernel_init(cfg), axes),
+          bias_init=_partitioned(nn.initializers.zeros, axes[-1:]),
+          name=name)(inputs)
+
+    if cfg.activation in ("swiglu", "geglu"):
+      gate = dense("wi_gate", cfg.mlp_dim, ("embed", "mlp"), x)
+      up = dense("wi_up", cfg.mlp_dim, ("embed", "mlp"), x)
+      gate = nn.silu(gate) if cfg.activation == "swiglu" else nn.gelu(gate, approximate=False)
+      h = gate * up
+    else:
+      h = _activation(cfg.activation, dense("wi", cfg.mlp_dim, ("embed", "mlp"), x))
+    h = _constrain(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(cfg.dropout)(h, deterministic=not self.train)
+    return dense("wo", cfg.width, ("mlp", "embed"), h)
+
+
+class Block(nn.Module):
+  """One Transformer layer (self-attention, optional cross-attention, MLP)."""
+  config: TransformerConfig
+  train: bool = False
+  causal: bool = False
+  return_layers: bool = False
+
+  def _drop_path(self, residual, rate):
+    """Stochastic depth: drop the whole branch per example."""
+    if not self.train or self.config.stochastic_depth == 0.0:
+      return residual
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate,
+                                (residual.shape[0],) + (1,) * (residual.ndim - 1))
+    return jnp.where(keep, residual / (1.0 - rate), 0.0).astype(residual.dtype)
+
+  @nn.compact
+  def __call__(self, x, drop_rate, cache, shared):
+    """``shared``: dict of per-call inputs broadcast to every layer."""
+    cfg = self.config
+    post = cfg.norm_position == "post"
+    dropout = nn.Dropout(cfg.dropout)
+
+    def residual(x, name, branch):
+      h = branch(x if post else Norm(cfg, name=f"{name}_norm")(x))
+      h = self._drop_path(dropout(h, deterministic=not self.train), drop_rate)
+      x = x + h
+      return Norm(cfg, name=f"{name}_norm")(x) if post else x
+
+    new_cache = None
+
+    def self_attention(h):
+      nonlocal new_cache
+      out, new_cache = Attention(cfg, self.train, name="attention")(
+          h, causal=self.causal, mask=shared["mask"], bias=shared["bias"],
+          q_segment_ids=shared["segment_ids"], kv_segment_ids=shared["kv_segment_ids"],
+          positions=shared["positions"], cache=cache, cache_index=shared["cache_index"])
+      return out
+
+    x = residual(x, "attention", self_attention)
+    if cfg.cross_attention:
+      x = residual(x, "cross_attention", lambda h: Attention(cfg, self.train, name="cross_attention")(
+          h, shared["context"], mask=shared["context_mask"])[0])
+    x = residual(x, "mlp", lambda h: Mlp(cfg, self.train, name="mlp")(h))
+    x = _constrain(x, ("batch", "length", "embed"))
+    return x, (x if self.return_layers else None, new_cache)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """The shared backbone: ``[batch, length, width]`` -> same shape.
+
+  Call: ``hidden, aux = Transformer(config)(x, causal=..., segment_ids=...)``.
+  ``aux`` holds ``pre_norm`` (the last block's output before the final norm),
+  ``layers`` (``[depth, batch, length, width]``, when ``return_layers``) and
+  ``cache`` (when decoding with ``cache``).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, *, causal: bool = False, segment_ids=None, mask=None,
+               bias=None, positions=None, context=None, context_mask=None,
+               cache=None, cache_index=None, train: bool = False,
+               return_layers: bool = False):
+    """Args:
+      x: ``[batch, length, width]`` embeddings.
+      causal: each position sees only itself and earlier ones.
+      segment_ids: ``[batch, length]`` ints; positions attend only within
+        their segment (packing, padding).
+      mask / bias: boolean mask / additive bias broadcastable to
+        ``[batch, heads, length, kv_length]``.
+      positions: ``[batch, length]`` positions for rotary embeddings
+        (default ``arange``, offset by ``cache_index`` when decoding).
+      context, context_mask: encoder output ``[batch, ctx_len, width]`` and a
+        boolean mask ``[batch|1, 1, length, ctx_len]`` for cross-attention.
+      cache: ``{"k", "v"}`` arrays ``[depth, batch, max_len, kv_heads, head_dim]``
+        (see ``init_cache``); the new keys/values are written at
+        ``cache_index`` and attention runs over the cache.
+      train: enables dropout and stochastic depth (needs a "dropout" rng).
+      return_layers: also return every block's output.
+    """
+    cfg = self.config
+    if x.ndim != 3 or x.shape[-1] != cfg.width:
+      raise ValueError(f"Transformer expects [batch, length, {cfg.width}] embeddings; "
+                       f"got {x.shape}.")
+    if cfg.cross_attention != (context is not None):
+      raise ValueError("context must be given iff config.cross_attention is True.")
+    batch, length = x.shape[:2]
+    if positions is None and cfg.rope:
+      start = 0 if cache is None else cache_index
+      positions = jnp.broadcast_to(jnp.arange(length) + start, (batch, length))
+    kv_segment_ids = segment_ids
+    if cache is not None:
+      if cache_index is None:
+        raise ValueError("decoding with a cache needs cache_index.")
+      if segment_ids is not None:
+        raise ValueError("segment_ids are not supported with a cache; pass a mask.")
+      # Keys past the written part of the cache are invisible; causal means
+      # "up to my own absolute position".
+      max_len = cache["k"].shape[2]
+      visible = mask_ops.causal_mask(length, max_len, offset=cache_index) if causal \
+          else (jnp.arange(max_len) < cache_index + length)[None, None, None, :]
+      mask = visible if mask is None else jnp.logical_and(mask, visible)
+      causal = False
+    x = _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+    shared = dict(mask=mask, bias=bias, segment_ids=segment_ids,
+                  kv_segment_ids=kv_segment_ids, positions=positions,
+                  cache_index=cache_index, context=context, context_mask=context_mask)
+    drop_rates = cfg.stochastic_depth * jnp.arange(cfg.depth, dtype=jnp.float32) / max(cfg.depth - 1, 1)
+
+    block = functools.partial(Block, cfg, train=train, causal=causal,
+                              return_layers=return_layers)
+    block_cls = Block
+    if cfg.remat != "none":
+      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+                           prevent_cse=not cfg.scan_layers)
+      block = functools.partial(block_cls, cfg, train=train, causal=causal,
+                                return_layers=return_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, 0, nn.broadcast), length=cfg.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, (layer_outs, new_cache) = stack(cfg, train=train, causal=causal,
+                                         return_layers=return_layers,
+                                         name="layers")(x, drop_rates, cache, shared)
+    else:
+      outs, caches = [], []
+      for i in range(cfg.depth):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, (out, c) = block(name=f"layer_{i}")(x, drop_rates[i], layer_cache, shared)
+        outs.append(out)
+        caches.append(c)
+      layer_outs = jnp.stack(outs) if return_layers else None
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+
+    aux = {"pre_norm": x}
+    if return_layers:
+      aux["layers"] = layer_outs
+    if cache is not None:
+      aux["cache"] = new_cache
+    if cfg.has_final_norm:
+      x = Norm(cfg, name="final_norm")(x)
+    return x, aux
+
+
+def init_cache(config: TransformerConfig, batch: int, max_length: int, dtype=None):
+  """Zeroed KV cache ``{"k", "v"}``: ``[depth, batch, max_length, kv_heads, head_dim]``."""
+  shape = (config.depth, batch, max_length, config.resolved_kv_heads, config.resolved_head_dim)
+  dtype = config.compute_dtype if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter pytree (boxed or plain)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))

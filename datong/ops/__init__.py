@@ -1,0 +1,9 @@
+"""Pure functions with no parameters: attention, masks, positions, patches."""
+
+from datong.ops.attention import (AttentionUnsupportedError, IMPLEMENTATIONS,
+                                  attention, reference_attention, select_impl)
+from datong.ops.masks import (causal_mask, padding_mask, prefix_lm_mask,
+                              segment_mask, segment_positions)
+from datong.ops.patches import grid_shape, patchify, unpatchify
+from datong.ops.posemb import (apply_rotary, interpolate_2d, sincos_1d,
+                               sincos_2d)

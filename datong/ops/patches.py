@@ -1,0 +1,52 @@
+"""Images <-> sequences of flattened patches.
+
+Patch order is row-major over the patch grid; inside a patch the vector is
+``(patch_row, patch_col, channel)``-major, i.e. ``p*p*c`` values. This equals
+a stride-``p`` convolution whose kernel is reshaped to ``[p*p*c, width]``.
+"""
+
+import jax.numpy as jnp
+
+
+def _check(h: int, w: int, patch: tuple[int, int]):
+  ph, pw = patch
+  if h % ph or w % pw:
+    raise ValueError(
+        f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}; "
+        "resize or crop the images, or pick a patch size that divides both.")
+
+
+def _pair(patch):
+  return (patch, patch) if isinstance(patch, int) else tuple(patch)
+
+
+def patchify(images, patch):
+  """``[batch, h, w, c]`` -> ``[batch, (h/ph)*(w/pw), ph*pw*c]``."""
+  ph, pw = _pair(patch)
+  b, h, w, c = images.shape
+  _check(h, w, (ph, pw))
+  x = images.reshape(b, h // ph, ph, w // pw, pw, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
+
+
+def unpatchify(patches, patch, image_size: tuple[int, int], channels: int):
+  """Inverse of ``patchify``: ``[batch, n, ph*pw*c]`` -> ``[batch, h, w, c]``."""
+  ph, pw = _pair(patch)
+  h, w = image_size
+  _check(h, w, (ph, pw))
+  b, n, d = patches.shape
+  gh, gw = h // ph, w // pw
+  if n != gh * gw or d != ph * pw * channels:
+    raise ValueError(
+        f"patches {patches.shape} do not form a {h}x{w}x{channels} image with "
+        f"{ph}x{pw} patches (expected [{b}, {gh * gw}, {ph * pw * channels}]).")
+  x = patches.reshape(b, gh, gw, ph, pw, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, channels)
+
+
+def grid_shape(image_size: tuple[int, int], patch) -> tuple[int, int]:
+  """Number of patches along height and width."""
+  ph, pw = _pair(patch)
+  _check(image_size[0], image_size[1], (ph, pw))
+  return image_size[0] // ph, image_size[1] // pw

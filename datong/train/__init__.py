@@ -1,0 +1,1 @@
+"""Training engine: mesh, sharding, state, loop, checkpoints, data, recipes."""

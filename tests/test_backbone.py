@@ -1,0 +1,224 @@
+"""The shared Transformer: configs, presets, scan/remat equivalence, masking, cache."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from datong.backbone import (PRESETS, Transformer, TransformerConfig, count_params,
+                             init_cache)
+
+
+def _init(cfg, x, **kw):
+  return Transformer(cfg).init(jax.random.PRNGKey(0), x, **kw)
+
+
+def _x(batch=2, length=6, width=64, seed=1):
+  return jax.random.normal(jax.random.PRNGKey(seed), (batch, length, width))
+
+
+def _loop_to_scan(params, depth):
+  """Stack per-layer params {layer_i: ...} into the scanned {layers: ...} layout."""
+  p = dict(nn.unbox(params)["params"])
+  layers = [p.pop(f"layer_{i}") for i in range(depth)]
+  p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {"params": p}
+
+
+# Published totals = our backbone + stems/heads counted analytically.
+def test_preset_parameter_counts_match_published_figures():
+  def backbone(name):
+    cfg = TransformerConfig.preset(name)
+    return count_params(jax.eval_shape(lambda: _init(cfg, jnp.zeros((1, 4, cfg.width)))))
+  # ViT-B/16, 224px, 1000 classes: 86,567,656 (timm / the ViT paper's 86M).
+  patch, cls, pos, head = 16 * 16 * 3 * 768 + 768, 768, 197 * 768, 768 * 1000 + 1000
+  assert backbone("vit-B") + patch + cls + pos + head == 86_567_656
+  # ViT-L/16: 304,326,632.
+  assert backbone("vit-L") + (16 * 16 * 3 * 1024 + 1024) + 1024 + 197 * 1024 + 1024 * 1000 + 1000 \
+      == 304_326_632
+  # BERT-base (HF BertModel with pooler): 109,482,240. Post-LN: no final norm.
+  emb = 30522 * 768 + 512 * 768 + 2 * 768 + 2 * 768
+  assert backbone("bert-base") + emb + (768 * 768 + 768) == 109_482_240
+  # GPT-2 small (124M): 124,439,808 = wte + wpe + blocks + ln_f.
+  assert backbone("gpt2-small") + 50257 * 768 + 1024 * 768 == 124_439_808
+  # GPT-2 medium: 354,823,168.
+  assert backbone("gpt2-medium") + 50257 * 1024 + 1024 * 1024 == 354_823_168
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_runs_under_jit_in_float32_and_bfloat16(dtype):
+  cfg = TransformerConfig.preset("tiny", dtype=dtype)
+  x = _x()
+  params = _init(cfg, x)
+  # Parameters stay float32; compute happens in the requested dtype.
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(params)))
+  out, aux = jax.jit(lambda p, x: Transformer(cfg).apply(p, x, causal=True))(params, x)
+  assert out.shape == x.shape and out.dtype == jnp.dtype(dtype)
+  assert aux["pre_norm"].shape == x.shape
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(activation="swiglu", norm="rmsnorm", kv_heads=2, rope=True, qk_norm=True),
+    dict(norm_position="post"),
+])
+def test_scan_over_layers_equals_the_loop(overrides):
+  cfg = TransformerConfig.preset("tiny", depth=3, **overrides)
+  x = _x()
+  params = _init(cfg, x)
+  scanned = _loop_to_scan(params, cfg.depth)
+  kw = dict(causal=True, return_layers=True)
+  loop_out, loop_aux = Transformer(cfg).apply(params, x, **kw)
+  scan_out, scan_aux = Transformer(cfg.replace(scan_layers=True)).apply(scanned, x, **kw)
+  np.testing.assert_allclose(scan_out, loop_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(scan_aux["layers"], loop_aux["layers"], rtol=1e-5, atol=1e-5)
+  # And the scanned init has the same tree.
+  scan_init = _init(cfg.replace(scan_layers=True), x)
+  assert jax.tree.map(jnp.shape, nn.unbox(scan_init)) == jax.tree.map(jnp.shape, scanned)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_equals_no_remat_values_and_gradients(scan, policy):
+  cfg = TransformerConfig.preset("tiny", scan_layers=scan)
+  x = _x()
+  params = _init(cfg, x)
+
+  def loss(cfg):
+    def f(p, x):
+      out, _ = Transformer(cfg).apply(p, x, causal=True)
+      return jnp.mean(jnp.square(out))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+  v0, g0 = loss(cfg)(params, x)
+  v1, g1 = loss(cfg.replace(remat=policy))(params, x)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_backbone_never_lets_the_future_change_the_past():
+  cfg = TransformerConfig.preset("tiny", rope=True)
+  x = _x(length=8)
+  params = _init(cfg, x)
+  base, _ = Transformer(cfg).apply(params, x, causal=True)
+  changed, _ = Transformer(cfg).apply(params, x.at[:, 5:].add(3.0), causal=True)
+  np.testing.assert_allclose(changed[:, :5], base[:, :5], atol=1e-6)
+  assert not np.allclose(changed[:, 5:], base[:, 5:])
+
+
+def test_packed_segments_are_isolated_in_the_backbone():
+  cfg = TransformerConfig.preset("tiny")
+  x = _x(length=8)
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]] * 2)
+  params = _init(cfg, x)
+  base, _ = Transformer(cfg).apply(params, x, segment_ids=seg)
+  changed, _ = Transformer(cfg).apply(params, x.at[:, :3].multiply(-2.0), segment_ids=seg)
+  np.testing.assert_allclose(changed[:, 3:], base[:, 3:], atol=1e-5)
+
+
+def test_padding_never_changes_the_real_tokens():
+  cfg = TransformerConfig.preset("tiny")
+  x = _x(length=8)
+  valid = jnp.array([[True] * 5 + [False] * 3] * 2)
+  params = _init(cfg, x)
+  mask = valid[:, None, None, :]
+  base, _ = Transformer(cfg).apply(params, x, mask=mask)
+  noisy = x.at[:, 5:].set(jax.random.normal(jax.random.PRNGKey(7), (2, 3, 64)) * 50)
+  changed, _ = Transformer(cfg).apply(params, noisy, mask=mask)
+  np.testing.assert_allclose(changed[:, :5], base[:, :5], atol=1e-5)
+  # Same as just dropping the padding.
+  short, _ = Transformer(cfg).apply(params, x[:, :5])
+  np.testing.assert_allclose(base[:, :5], short, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decoding_equals_full_recompute(scan):
+  cfg = TransformerConfig.preset("tiny", scan_layers=scan, kv_heads=2, rope=True)
+  x = _x(length=7)
+  params = _init(cfg, x)
+  full, _ = Transformer(cfg).apply(params, x, causal=True)
+  model = Transformer(cfg)
+  step = jax.jit(lambda p, x, cache, i: model.apply(p, x, causal=True, cache=cache, cache_index=i))
+  cache = init_cache(cfg, batch=2, max_length=10)
+  # Prefill 4 tokens, then decode one at a time.
+  out, aux = step(params, x[:, :4], cache, 0)
+  steps = [out]
+  for t in range(4, 7):
+    out, aux = step(params, x[:, t:t + 1], aux["cache"], t)
+    steps.append(out)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_builds_an_encoder_decoder():
+  enc_cfg = TransformerConfig.preset("tiny")
+  dec_cfg = TransformerConfig.preset("tiny", cross_attention=True)
+  src, tgt = _x(length=5, seed=2), _x(length=4, seed=3)
+  enc_params = _init(enc_cfg, src)
+  memory, _ = Transformer(enc_cfg).apply(enc_params, src)
+  dec_params = _init(dec_cfg, tgt, context=memory, causal=True)
+  assert "cross_attention" in nn.unbox(dec_params)["params"]["layer_0"]
+  out, _ = Transformer(dec_cfg).apply(dec_params, tgt, context=memory, causal=True)
+  other, _ = Transformer(dec_cfg).apply(dec_params, tgt, context=memory * 2.0, causal=True)
+  assert out.shape == tgt.shape and not np.allclose(out, other)
+  # Masking out the context's last position makes it irrelevant.
+  cmask = jnp.array([True] * 4 + [False])[None, None, None, :]
+  a, _ = Transformer(dec_cfg).apply(dec_params, tgt, context=memory, context_mask=cmask, causal=True)
+  b, _ = Transformer(dec_cfg).apply(dec_params, tgt, context=memory.at[:, 4].add(9.0),
+                                    context_mask=cmask, causal=True)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  with pytest.raises(ValueError, match="context must be given"):
+    Transformer(dec_cfg).apply(dec_params, tgt)
+
+
+def test_dropout_and_stochastic_depth_only_in_train_mode():
+  cfg = TransformerConfig.preset("tiny", dropout=0.2, attention_dropout=0.2, stochastic_depth=0.3)
+  x = _x()
+  params = _init(cfg, x)
+  eval1, _ = Transformer(cfg).apply(params, x)
+  eval2, _ = Transformer(cfg.replace(dropout=0.0, attention_dropout=0.0, stochastic_depth=0.0)).apply(params, x)
+  np.testing.assert_array_equal(eval1, eval2)
+  rngs = lambda s: {"dropout": jax.random.PRNGKey(s)}
+  t1, _ = Transformer(cfg).apply(params, x, train=True, rngs=rngs(0))
+  t2, _ = Transformer(cfg).apply(params, x, train=True, rngs=rngs(0))
+  t3, _ = Transformer(cfg).apply(params, x, train=True, rngs=rngs(1))
+  np.testing.assert_array_equal(t1, t2)
+  assert not np.allclose(t1, t3) and not np.allclose(t1, eval1)
+
+
+def test_every_parameter_has_logical_axis_names():
+  cfg = TransformerConfig.preset("tiny", scan_layers=True, qk_norm=True, activation="swiglu")
+  params = _init(cfg, _x())
+  boxed = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  assert boxed and all(isinstance(b, nn.Partitioned) for b in boxed)
+  names = {n for b in boxed for n in b.names}
+  assert {"layers", "embed", "heads", "kv_heads", "kv", "mlp"} <= names
+  q = nn.unbox(params)["params"]["layers"]["attention"]["query"]["kernel"]
+  spec = params["params"]["layers"]["attention"]["query"]["kernel"].names
+  assert spec == ("layers", "embed", "heads", "kv") and q.shape == (2, 64, 4, 16)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(width=64, depth=2, heads=5, mlp_dim=8), "heads"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, kv_heads=3), "kv_heads"),
+    (dict(width=64, depth=0, heads=4, mlp_dim=8), "depth"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, activation="tanh"), "activation"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, norm_position="sandwich"), "norm_position"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, dropout=1.5), "dropout"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, remat="some"), "remat"),
+    (dict(width=64, depth=2, heads=4, mlp_dim=8, attention_impl="flash"), "attention_impl"),
+    (dict(width=60, depth=2, heads=4, mlp_dim=8, head_dim=15, rope=True), "rope"),
+])
+def test_invalid_configs_raise_errors_naming_the_field(kwargs, field):
+  with pytest.raises(ValueError, match=rf"TransformerConfig\.{field}="):
+    TransformerConfig(**kwargs)
+
+
+def test_unknown_preset_and_wrong_width():
+  with pytest.raises(ValueError, match="Unknown backbone preset"):
+    TransformerConfig.preset("vit-XXL")
+  cfg = TransformerConfig.preset("tiny")
+  with pytest.raises(ValueError, match=r"\[batch, length, 64\]"):
+    Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 32)))
+  assert set(PRESETS) >= {"vit-S", "vit-B", "vit-L", "vit-H", "bert-base", "gpt2-small"}
