@@ -1,0 +1,145 @@
+"""What an objective gives the engine: the ``Task`` contract.
+
+The engine (``datong.train.loop``) knows nothing of text, pixels or captions.
+An objective subclasses ``Task`` in its own module (``datong.unimodal.text``,
+``datong.unimodal.vision``, ``datong.multimodal.clip``) and the engine:
+
+1. builds data sources with ``source(split)`` and maps ``preprocess`` over
+   every example (numpy, on the host, deterministic per example);
+2. initializes ``{"params": ...}`` with ``init`` under ``jax.eval_shape`` to
+   read the logical axis names, then under ``jax.jit(out_shardings=...)``;
+3. jits ``loss`` (pure: params, global batch, rng -> loss, metrics) into the
+   sharded train step;
+4. calls ``evaluate`` at eval steps and at the end, which returns ``eval/...``
+   metrics computed on held-out data through ``EvalContext``.
+
+A task's settings live in a frozen dataclass with a ``build()`` method that
+returns the task, so a whole run is a tree of dataclasses that the CLI can
+override by dotted name and the checkpoint can store as JSON.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, Any]
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What ``Task.evaluate`` may use; provided by the engine.
+
+  ``batches(split, batch_size=None)`` yields global batches of the split,
+  every example exactly once, preprocessed with ``train=False``; the last
+  batch is padded and every batch has a boolean ``mask`` ([batch]) marking
+  real examples. ``workdir`` is where a task may write artifacts (PNG
+  grids). ``step`` is the train step being evaluated.
+  """
+  batches: Callable[..., Iterator[dict[str, jax.Array]]]
+  workdir: str
+  step: int
+  mesh: Any = None
+
+
+class Task(abc.ABC):
+  """An objective the engine can train. Subclass and fill in the abstract parts."""
+
+  # Name of the dataset (embedded builder or prepared tfds catalog name).
+  dataset: str = ""
+  train_split: str = "train"
+  eval_split: str = "test"
+
+  # --- model ---
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: Batch) -> dict:
+    """``{"params": ...}`` with ``nn.Partitioned`` leaves (logical axis names).
+
+    ``batch`` may hold ``jax.ShapeDtypeStruct``s; only shapes are used.
+    """
+
+  @abc.abstractmethod
+  def loss(self, params, batch: Batch, rng: jax.Array, *, train: bool = True
+           ) -> tuple[jax.Array, Metrics]:
+    """Scalar float32 loss and a dict of scalar metrics. Pure and jittable.
+
+    ``params`` is the unboxed ``params`` collection (no ``{"params": }``).
+    """
+
+  @abc.abstractmethod
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a preprocessed training batch of ``batch_size``."""
+
+  # --- data ---
+  def source(self, split: str):
+    """A random-access source (``len``, ``__getitem__`` -> dict) for ``split``."""
+    from datong.train import data  # pylint: disable=import-outside-toplevel
+    return data.load_source(self.dataset, split)
+
+  def preprocess(self, example: dict, rng: np.random.Generator, train: bool) -> dict:
+    """Per-example numpy transform (tokenize, augment, ...). Default: identity."""
+    del rng, train
+    return example
+
+  # --- evaluation ---
+  def evaluate(self, params, ctx: EvalContext) -> Metrics:
+    """``eval/...`` metrics on held-out data. Default: the mean loss on ``eval_split``."""
+    loss_fn = jax.jit(lambda p, b: self.loss(p, b, jax.random.PRNGKey(0), train=False)[0])
+    total, count = 0.0, 0
+    for batch in ctx.batches(self.eval_split):
+      n = int(np.sum(np.asarray(batch["mask"])))
+      if n == 0:
+        continue
+      # Padded rows repeat a real example; weight the batch by its real count.
+      total += float(loss_fn(params, batch)) * n
+      count += n
+    return {"eval/loss": total / max(count, 1)}
+
+  # --- accounting ---
+  def flops_per_example(self) -> float:
+    """Analytic training FLOPs (forward + backward) per example; 0 if unknown."""
+    return 0.0
+
+  def tokens_per_example(self) -> int:
+    """Sequence positions processed per example (tokens, patches); for tokens/s."""
+    return 0
+
+  # --- optimizer hooks ---
+  def trainable(self, params) -> Optional[Any]:
+    """A bool pytree like ``params``: False leaves are frozen (LiT). None: all."""
+    del params
+    return None
+
+  def weight_decay_mask(self, params) -> Any:
+    """Which leaves get weight decay: kernels, not norms, biases or embeddings."""
+    def decays(path, leaf):
+      names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
+      if leaf.ndim < 2:
+        return False  # biases, norm scales, scalars (temperature)
+      return not any("embed" in n or n in ("pos_embedding", "cls", "mask_token") for n in names)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  def learning_rate_scale(self, params) -> Optional[Any]:
+    """Per-leaf learning-rate multipliers (layer-wise decay); None: all 1."""
+    del params
+    return None
+
+
+def transformer_flops_per_token(width: int, depth: int, mlp_dim: int, length: int,
+                                *, causal: bool = False, gated: bool = False,
+                                kv_width: Optional[int] = None) -> float:
+  """Training FLOPs (3x forward) per token of one backbone pass.
+
+  Forward per token: 2 * matmul params (q, k, v, out, mlp) + attention
+  scores and values (2 * 2 * length * width, halved when causal).
+  """
+  kv_width = width if kv_width is None else kv_width
+  attn_proj = 2 * width * width + 2 * width * kv_width
+  mlp = (3 if gated else 2) * width * mlp_dim
+  attn = 2 * 2 * length * width * (0.5 if causal else 1.0)
+  return 3.0 * depth * (2.0 * (attn_proj + mlp) + attn)
