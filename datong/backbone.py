@@ -157,10 +157,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _kernel_init(config: TransformerConfig):
+def _kernel_init(config: TransformerConfig, in_axis=-2, out_axis=-1):
   if config.kernel_init == "normal":
     return nn.initializers.normal(config.init_std)
-  return nn.initializers.xavier_uniform()
+  return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
 
 
 def _partitioned(init, names):
@@ -189,6 +189,35 @@ class Norm(nn.Module):
         use_bias=True, name="norm", **kw)(x)
 
 
+class Projection(nn.Module):
+  """``x[..., *in] @ kernel[*in, *features] (+ bias[*features])``.
+
+  Like ``nn.DenseGeneral``, but the logical axis names (``names``: input
+  axes then output axes) annotate the kernel's real shape, and Xavier
+  initialization counts all input / output axes as fan-in / fan-out.
+  """
+  config: TransformerConfig
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  in_dims: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    n_in = self.in_dims
+    shape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
+    init = _kernel_init(cfg, in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
+    kernel = self.param("kernel", _partitioned(init, self.names), shape, cfg.params_dtype)
+    x = x.astype(cfg.compute_dtype)
+    y = jnp.tensordot(x, kernel.astype(cfg.compute_dtype),
+                      axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+    if cfg.use_bias:
+      bias = self.param("bias", _partitioned(nn.initializers.zeros, self.names[n_in:]),
+                        tuple(self.features), cfg.params_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head (grouped-query) attention with optional rotary, qk-norm, cache."""
   config: TransformerConfig
@@ -204,12 +233,7 @@ class Attention(nn.Module):
     source = context if is_cross else x
 
     def project(name, n_heads, head_axis, inputs):
-      return nn.DenseGeneral(
-          features=(n_heads, head_dim), axis=-1, use_bias=cfg.use_bias,
-          dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-          kernel_init=_partitioned(_kernel_init(cfg), ("embed", head_axis, "kv")),
-          bias_init=_partitioned(nn.initializers.zeros, (head_axis, "kv")),
-          name=name)(inputs)
+      return Projection(cfg, (n_heads, head_dim), ("embed", head_axis, "kv"), name=name)(inputs)
 
     q = project("query", heads, "heads", x)
     k = project("key", kv_heads, "kv_heads", source)
@@ -239,12 +263,7 @@ class Attention(nn.Module):
         dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
         impl=cfg.attention_impl, logical_rules=nn.get_logical_axis_rules())
     out = _constrain(out, ("batch", "length", "heads", "kv"))
-    out = nn.DenseGeneral(
-        features=cfg.width, axis=(-2, -1), use_bias=cfg.use_bias,
-        dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=_partitioned(_kernel_init(cfg), ("heads", "kv", "embed")),
-        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-        name="out")(out)
+    out = Projection(cfg, (cfg.width,), ("heads", "kv", "embed"), in_dims=2, name="out")(out)
     return out, new_cache
 
 

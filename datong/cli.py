@@ -1,4 +1,9 @@
-"""The `datong` command line."""
+"""The `datong` command line.
+
+    datong recipes                                   # list recipes
+    datong config gpt-pydoc --set train.steps=100    # show a recipe's settings
+    datong train gpt-pydoc --workdir runs/gpt --set train.steps=100
+"""
 
 import argparse
 import sys
@@ -9,8 +14,70 @@ def build_parser() -> argparse.ArgumentParser:
       prog="datong",
       description="Datong: one Transformer backbone for text, images and image-text pretraining.")
   parser.add_argument("--version", action="store_true", help="print the version and exit")
-  parser.add_subparsers(dest="command", metavar="COMMAND")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+  sub.add_parser("recipes", help="list the registered recipes")
+
+  def add_overrides(p):
+    p.add_argument("recipe", help="recipe name (see `datong recipes`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted name, e.g. train.steps=100 "
+                        "(repeatable; `datong config RECIPE` lists the names)")
+
+  config = sub.add_parser("config", help="print a recipe's resolved settings")
+  add_overrides(config)
+
+  train = sub.add_parser("train", help="train (or resume) a recipe in a workdir")
+  add_overrides(train)
+  train.add_argument("--workdir", required=True,
+                     help="where checkpoints, metrics.jsonl, TensorBoard logs and plots go; "
+                          "an existing run there is resumed")
+  train.add_argument("--no-progress", action="store_true", help="no progress bar")
+  train.add_argument("--coordinator", help="multi-host: coordinator host:port "
+                     "(or DATONG_COORDINATOR); the same command runs on every host")
+  train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+  train.add_argument("--process-id", type=int, help="multi-host: this process's index")
   return parser
+
+
+def _parse_overrides(items):
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+    out[key.strip()] = value.strip()
+  return out
+
+
+def _resolved_config(args):
+  from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  return config_lib.override(recipes.get(args.recipe), _parse_overrides(args.overrides))
+
+
+def _run(args) -> int:
+  if args.command == "recipes":
+    from datong.train import recipes  # pylint: disable=import-outside-toplevel
+    for name, doc in recipes.describe().items():
+      print(f"{name:16s} {doc}")
+    return 0
+  if args.command == "config":
+    from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
+    config = _resolved_config(args)
+    for name in config_lib.field_names(config):
+      value = config
+      for part in name.split("."):
+        value = getattr(value, part)
+      print(f"{name} = {value!r}")
+    return 0
+  if args.command == "train":
+    from datong.train import loop  # pylint: disable=import-outside-toplevel
+    loop.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    config = _resolved_config(args)
+    result = loop.train(config, args.workdir, progress=False if args.no_progress else None)
+    return 0 if result.step >= config.train.steps or result.preempted else 1
+  return 0
 
 
 def main(argv=None) -> int:
@@ -23,7 +90,13 @@ def main(argv=None) -> int:
   if args.command is None:
     parser.print_help()
     return 0
-  return 0
+  from datong.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from datong.train.loop import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  try:
+    return _run(args)
+  except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    print(f"datong: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ class TrainConfig:
   on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
   data_workers: int = 0  # grain worker processes for preprocessing
   prefetch: int = 2  # global batches prepared ahead by a host thread
-  profile: bool = False
 
   def __post_init__(self):
     for field in ("steps", "batch_size", "microbatches", "log_every"):

@@ -1,0 +1,89 @@
+"""A small real objective for engine tests: classify the embedded digits.
+
+Patches of the 8x8 digits -> the shared backbone -> mean pool -> classes.
+(The library's own ViT lives in datong.unimodal.vision; this one keeps the
+engine tests independent of it.)
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from datong import ops
+from datong.backbone import Transformer, TransformerConfig
+from datong.train.task import Task, transformer_flops_per_token
+
+
+class DigitNet(nn.Module):
+  backbone: TransformerConfig
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    x = ops.patchify(images.astype(jnp.float32) / 255.0, 2)  # [b, 16, 4]
+    x = nn.Dense(self.backbone.width, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("patch", "embed")), name="stem")(x)
+    x = x + self.param("pos_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("length", "embed")), (16, self.backbone.width))
+    x, _ = Transformer(self.backbone, name="backbone")(x, train=train)
+    return nn.Dense(10, name="head")(x.mean(axis=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsTaskConfig:
+  backbone: TransformerConfig = TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64)
+  nan_loss: bool = False  # tests: every loss is NaN
+
+  def build(self):
+    return DigitsTask(self)
+
+
+class DigitsTask(Task):
+  dataset = "digits"
+
+  def __init__(self, config):
+    self.config = config
+    self.model = DigitNet(config.backbone)
+
+  def batch_spec(self, batch_size):
+    return {"image": jax.ShapeDtypeStruct((batch_size, 8, 8, 1), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+  def preprocess(self, example, rng, train):
+    image = example["image"]
+    if train:  # a random 1-pixel shift, from the per-example rng
+      dy, dx = rng.integers(-1, 2, size=2)
+      image = np.roll(image, (dy, dx), axis=(0, 1))
+    return {"image": image, "label": np.int32(example["label"])}
+
+  def init(self, rng, batch):
+    return self.model.init(rng, jnp.zeros(batch["image"].shape, jnp.uint8))
+
+  def loss(self, params, batch, rng, *, train=True):
+    logits = self.model.apply({"params": params}, batch["image"], train=train,
+                              rngs={"dropout": rng})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    if self.config.nan_loss:
+      loss = loss * jnp.nan
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, {"accuracy": acc}
+
+  def evaluate(self, params, ctx):
+    apply = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
+    correct = total = 0
+    for batch in ctx.batches(self.eval_split):
+      mask = np.asarray(batch["mask"])
+      pred = np.asarray(apply(params, batch["image"]))
+      correct += int(((pred == np.asarray(batch["label"])) & mask).sum())
+      total += int(mask.sum())
+    return {"eval/accuracy": correct / total, "eval/count": total}
+
+  def flops_per_example(self):
+    b = self.config.backbone
+    return 16 * transformer_flops_per_token(b.width, b.depth, b.mlp_dim, 16)
+
+  def tokens_per_example(self):
+    return 16
