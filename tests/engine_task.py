@@ -75,9 +75,9 @@ class DigitsTask(Task):
     apply = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
     correct = total = 0
     for batch in ctx.batches(self.eval_split):
-      mask = np.asarray(batch["mask"])
-      pred = np.asarray(apply(params, batch["image"]))
-      correct += int(((pred == np.asarray(batch["label"])) & mask).sum())
+      mask = ctx.to_host(batch["mask"])
+      pred = ctx.to_host(apply(params, batch["image"]))
+      correct += int(((pred == ctx.to_host(batch["label"])) & mask).sum())
       total += int(mask.sum())
     return {"eval/accuracy": correct / total, "eval/count": total}
 
@@ -87,3 +87,11 @@ class DigitsTask(Task):
 
   def tokens_per_example(self):
     return 16
+
+
+def run_config():
+  """A recipe for CLI tests: `datong train tests/engine_task.py:run_config`."""
+  from datong.train.config import MeshConfig, OptimizerConfig, RunConfig, TrainConfig
+  return RunConfig(task=DigitsTaskConfig(),
+                   train=TrainConfig(steps=400, batch_size=32, log_every=5, checkpoint_every=0),
+                   optimizer=OptimizerConfig(learning_rate=1e-3), mesh=MeshConfig())

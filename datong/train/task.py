@@ -46,6 +46,14 @@ class EvalContext:
   step: int
   mesh: Any = None
 
+  @staticmethod
+  def to_host(x) -> np.ndarray:
+    """A global (possibly multi-host) array as a full numpy array on every host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
 
 class Task(abc.ABC):
   """An objective the engine can train. Subclass and fill in the abstract parts."""
@@ -92,7 +100,7 @@ class Task(abc.ABC):
     loss_fn = jax.jit(lambda p, b: self.loss(p, b, jax.random.PRNGKey(0), train=False)[0])
     total, count = 0.0, 0
     for batch in ctx.batches(self.eval_split):
-      n = int(np.sum(np.asarray(batch["mask"])))
+      n = int(np.sum(ctx.to_host(batch["mask"])))
       if n == 0:
         continue
       # Padded rows repeat a real example; weight the batch by its real count.

@@ -35,11 +35,34 @@ def describe() -> dict[str, str]:
           for name, m in sorted(_modules().items())}
 
 
+def _from_spec(spec: str):
+  """``"package.module:function"`` or ``"path/to/file.py:function"`` -> RunConfig."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  target, _, fn_name = spec.rpartition(":")
+  if target.endswith(".py"):
+    module_spec = importlib.util.spec_from_file_location(f"_datong_recipe_{abs(hash(target))}", target)
+    if module_spec is None:
+      raise ValueError(f"Cannot load recipe file {target!r}.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(target)
+  fn = getattr(module, fn_name, None)
+  if fn is None:
+    raise ValueError(f"Recipe spec {spec!r}: {target} has no function {fn_name!r}.")
+  return fn()
+
+
 def get(name: str):
-  """The ``RunConfig`` of recipe ``name``; unknown names list the known ones."""
+  """The ``RunConfig`` of recipe ``name``; unknown names list the known ones.
+
+  ``name`` may also be ``module:function`` or ``file.py:function`` for a
+  recipe of your own that returns a ``RunConfig``.
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  if ":" in name:
+    return dataclasses.replace(_from_spec(name), recipe=name)
   modules = _modules()
   if name not in modules:
     raise ValueError(f"Unknown recipe {name!r}. Known recipes: {', '.join(sorted(modules)) or 'none'}.")
-  config = modules[name].config()
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  return dataclasses.replace(config, recipe=name)
+  return dataclasses.replace(modules[name].config(), recipe=name)

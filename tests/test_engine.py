@@ -1,0 +1,243 @@
+"""The training engine on the fake 8-device CPU mesh."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from datong.train import checkpoint as ckpt_lib
+from datong.train import config as config_lib
+from datong.train import loop, sharding, writers
+from datong.train.config import MeshConfig, OptimizerConfig, RunConfig, TrainConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from engine_task import DigitsTaskConfig  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_dir(tmp_path_factory):
+  path = os.environ.get("DATONG_DATA_DIR") or str(tmp_path_factory.mktemp("data"))
+  os.environ["DATONG_DATA_DIR"] = path
+  return path
+
+
+def _config(steps=8, mesh=(2, 2, 2), batch=32, **train):
+  return RunConfig(
+      task=DigitsTaskConfig(),
+      train=TrainConfig(steps=steps, batch_size=batch, log_every=1, checkpoint_every=0, **train),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+      mesh=MeshConfig(*mesh))
+
+
+def _losses(workdir):
+  return [r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r]
+
+
+def _params(workdir):
+  return ckpt_lib.load_params(workdir)
+
+
+def test_same_losses_on_every_mesh_shape(tmp_path):
+  runs = {}
+  for mesh in [(1, 1, 1), (2, 2, 2), (8, 1, 1), (1, 8, 1)]:
+    devices = jax.devices()[:int(np.prod(mesh))]
+    workdir = str(tmp_path / "x".join(map(str, mesh)))
+    loop.train(_config(steps=6, mesh=mesh), workdir, progress=False, devices=devices)
+    runs[mesh] = _losses(workdir)
+  base = runs[(1, 1, 1)]
+  assert len(base) == 6 and base[-1] < base[0]
+  for mesh, losses in runs.items():
+    np.testing.assert_allclose(losses, base, rtol=2e-5, err_msg=str(mesh))
+
+
+def test_resume_is_bitwise_identical_and_keeps_data_order(tmp_path):
+  full, half = str(tmp_path / "full"), str(tmp_path / "half")
+  loop.train(_config(steps=8), full, progress=False)
+  first = loop.train(_config(steps=8), half, progress=False, stop_at=4)
+  assert first.step == 4 and ckpt_lib.Checkpointer(half).latest_step() == 4
+  loop.train(_config(steps=8), half, progress=False)
+  assert _losses(half) == _losses(full)  # same batches in the same order, same math
+  for a, b in zip(jax.tree.leaves(_params(half)), jax.tree.leaves(_params(full))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restore_onto_another_mesh_shape_continues(tmp_path):
+  full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
+  loop.train(_config(steps=8), full, progress=False)
+  loop.train(_config(steps=8, mesh=(2, 2, 2)), moved, progress=False, stop_at=4)
+  loop.train(_config(steps=8, mesh=(1, 4, 2)), moved, progress=False)
+  np.testing.assert_allclose(_losses(moved), _losses(full), rtol=2e-5)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  full = loop.Trainer(_config(), str(tmp_path))
+  accum = loop.Trainer(_config(microbatches=4), str(tmp_path))
+  state = full.init_state()
+  it = full.train_iterator()
+  from datong.train import data as data_lib  # pylint: disable=import-outside-toplevel
+  batch = data_lib.to_global(next(it), full.batch_sharding)
+  rng = jax.random.PRNGKey(0)
+  with full._context():  # pylint: disable=protected-access
+    loss1, _, g1 = jax.jit(full._grads)(state.params, batch, rng)  # pylint: disable=protected-access
+    loss4, _, g4 = jax.jit(accum._grads)(state.params, batch, rng)  # pylint: disable=protected-access
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_outputs_metrics_tensorboard_and_plots(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = loop.train(_config(steps=4), workdir, progress=False)
+  rows = writers.read_metrics(workdir)
+  keys = set().union(*rows)
+  assert {"step", "train/loss", "train/grad_norm", "train/learning_rate",
+          "train/examples_per_sec", "train/tokens_per_sec", "eval/accuracy"} <= keys
+  assert result.metrics["eval/count"] == 360  # every test digit, once
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.exists(os.path.join(workdir, "plot_loss.png"))
+  # Warmup then cosine: lr rises over the first two steps.
+  lrs = [r["train/learning_rate"] for r in rows if "train/learning_rate" in r]
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(3e-3)
+
+
+def test_nonfinite_loss_stops_without_touching_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train(_config(steps=8), workdir, progress=False, stop_at=4)
+  good = _params(workdir)
+  bad = _config(steps=8)
+  bad = bad.__class__(**{**bad.__dict__, "task": DigitsTaskConfig(nan_loss=True)})
+  with pytest.raises(loop.NonFiniteLossError, match="NaN/inf at step 5.*step 4"):
+    loop.train(bad, workdir, progress=False)
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == 4
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(good)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = _config(steps=3, on_nonfinite="skip")
+  cfg = cfg.__class__(**{**cfg.__dict__, "task": DigitsTaskConfig(nan_loss=True)})
+  trainer = loop.Trainer(cfg, workdir)
+  before = trainer.init_state()
+  before_params = jax.device_get(before.params)
+  result = loop.train(cfg, workdir, progress=False)
+  assert result.metrics["train/skipped_steps"] == 3
+  for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(before_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_and_incompatible_checkpoints_give_clear_errors(tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train(_config(steps=2), workdir, progress=False)
+  wider = _config(steps=4)
+  wider = wider.__class__(**{**wider.__dict__, "task": DigitsTaskConfig(
+      backbone=DigitsTaskConfig().backbone.replace(width=64))})
+  with pytest.raises(ckpt_lib.CheckpointError, match="incompatible run.*64"):
+    loop.train(wider, workdir, progress=False)
+  # Corrupt every array file of the state.
+  state_dir = os.path.join(workdir, "checkpoints", "2", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(ckpt_lib.CheckpointError, match="(unreadable|Cannot restore).*fresh --workdir"):
+    loop.train(_config(steps=4), workdir, progress=False)
+
+
+def test_fsdp_divides_parameter_and_optimizer_bytes_per_device(tmp_path):
+  backbone = DigitsTaskConfig().backbone.replace(width=256, mlp_dim=1024, depth=2, heads=8)
+  per_device = {}
+  for fsdp in (1, 8):
+    cfg = RunConfig(task=DigitsTaskConfig(backbone=backbone),
+                    train=TrainConfig(steps=2, batch_size=16),
+                    mesh=MeshConfig(data=8 // fsdp, fsdp=fsdp))
+    trainer = loop.Trainer(cfg, str(tmp_path))
+    params_bytes = trainer.params_plan.bytes()
+    compiled = trainer.compile()
+    per_device[fsdp] = (compiled.memory_analysis().argument_size_in_bytes, params_bytes)
+  (args1, p1), (args8, p8) = per_device[1], per_device[8]
+  assert p8["total"] == p1["total"]
+  # Parameters: every kernel is sharded 8 ways; norms and biases stay whole.
+  assert p8["per_device"] < p1["per_device"] / 6
+  # Whole step arguments (params + Adam moments + batch) from XLA itself.
+  assert args8 < args1 / 5, (args1, args8)
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match="3 x fsdp=1 x tensor=1 = 3 devices, but 8"):
+    loop.Trainer(_config(mesh=(3, 1, 1)), str(tmp_path))
+  with pytest.raises(ValueError, match="do not divide the 8 available devices"):
+    loop.Trainer(_config(mesh=(-1, 3, 1)), str(tmp_path))
+  with pytest.raises(ValueError, match="not divisible by the 4 batch shards"):
+    loop.Trainer(_config(mesh=(2, 2, 2), batch=30), str(tmp_path))
+  with pytest.raises(ValueError, match="Unknown config key 'train.step'.*train.steps"):
+    config_lib.override(_config(), {"train.step": "3"})
+  with pytest.raises(ValueError, match="microbatches"):
+    TrainConfig(batch_size=10, microbatches=3)
+  with pytest.raises(ValueError, match="Unknown recipe 'nope'"):
+    from datong.train import recipes  # pylint: disable=import-outside-toplevel
+    recipes.get("nope")
+
+
+def test_overrides_parse_types_and_round_trip_through_json():
+  cfg = config_lib.override(_config(), {
+      "train.steps": "12", "optimizer.learning_rate": "1e-4", "optimizer.grad_clip_norm": "none",
+      "task.backbone.dtype": "bfloat16", "task.backbone.scan_layers": "true", "mesh.data": "-1"})
+  assert cfg.train.steps == 12 and cfg.optimizer.learning_rate == 1e-4
+  assert cfg.optimizer.grad_clip_norm is None and cfg.task.backbone.scan_layers is True
+  assert cfg.task.backbone.dtype == "bfloat16" and cfg.mesh.data == -1
+  assert config_lib.from_json(json.loads(json.dumps(config_lib.to_json(cfg)))) == cfg
+  with pytest.raises(ValueError, match="TransformerConfig.dtype"):
+    config_lib.override(cfg, {"task.backbone.dtype": "float64"})
+
+
+def _cli(*args, env=None):
+  return [sys.executable, "-m", "datong.cli", *args]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  recipe = os.path.join(REPO, "tests", "engine_task.py:run_config")
+  proc = subprocess.Popen(_cli("train", recipe, "--workdir", workdir, "--no-progress"),
+                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(writers.read_metrics(workdir)) >= 2:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.stdout.read().decode()
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0].decode()
+  assert proc.returncode == 0, out
+  assert "checkpoint saved" in out
+  stopped = ckpt_lib.Checkpointer(workdir).latest_step()
+  assert stopped is not None and 0 < stopped < 400
+  # Resume for a few more steps through the same command.
+  done = subprocess.run(_cli("train", recipe, "--workdir", workdir, "--no-progress",
+                             "--set", f"train.steps={stopped + 5}"),
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert f"resumed at step {stopped}" in done.stdout
+  assert ckpt_lib.Checkpointer(workdir).latest_step() == stopped + 5
+
+
+def test_cli_lists_recipes_and_explains_bad_keys():
+  help_out = subprocess.run(_cli("--help"), capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
+  assert help_out.returncode == 0 and "train" in help_out.stdout
+  bad = subprocess.run(_cli("config", os.path.join(REPO, "tests", "engine_task.py:run_config"),
+                            "--set", "train.stepz=3"),
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  assert bad.returncode == 2 and "Unknown config key 'train.stepz'" in bad.stderr
+  assert "train.steps" in bad.stderr
