@@ -124,7 +124,7 @@ def _mask(cfg: _Config, q_pos, k_pos, q_ids, kv_ids):
     mask = _and(mask, (k_pos < cfg.kv_len)[None, :])
   if q_ids is not None:
     mask = _and(mask, q_ids[:, None] == kv_ids[None, :])
-  if mask is None:  # only reached for the padded-key check being static-false
+  if mask is None:  # callers only ask for a mask when one applies; stay safe
     mask = jnp.ones((q_pos.shape[0], k_pos.shape[0]), jnp.bool_)
   return mask
 
