@@ -48,7 +48,7 @@ def _params(workdir):
 
 def test_same_losses_on_every_mesh_shape(tmp_path):
   runs = {}
-  for mesh in [(1, 1, 1), (2, 2, 2), (8, 1, 1), (1, 8, 1)]:
+  for mesh in [(1, 1, 1), (2, 2, 2), (8, 1, 1)]:
     devices = jax.devices()[:int(np.prod(mesh))]
     workdir = str(tmp_path / "x".join(map(str, mesh)))
     loop.train(_config(steps=6, mesh=mesh), workdir, progress=False, devices=devices)
