@@ -30,7 +30,9 @@ def _ids(shape, seed=0, high=256):
 
 
 def _init(model, ids, **kw):
-  return nn.unbox(model.init(jax.random.PRNGKey(0), ids, **kw))["params"]
+  # Jitted: eager (op-by-op) flax is slow on a shared CPU.
+  init = jax.jit(lambda rng, ids, kw: model.init(rng, ids, **kw))
+  return nn.unbox(init(jax.random.PRNGKey(0), ids, kw))["params"]
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -108,11 +110,11 @@ def test_packed_segments_are_isolated(kind):
   b = text.pack_documents(docs, 24)
   params = _init(model, jnp.asarray(a["ids"]), segment_ids=jnp.asarray(a["segment_ids"]))
 
+  forward = jax.jit(lambda ids, seg, pos: model.apply(
+      {"params": params}, ids, segment_ids=seg, positions=pos)[0])
+
   def logits(p):
-    out, _ = model.apply({"params": params}, jnp.asarray(p["ids"]),
-                         segment_ids=jnp.asarray(p["segment_ids"]),
-                         positions=jnp.asarray(p["positions"]))
-    return np.asarray(out)
+    return np.asarray(forward(p["ids"], p["segment_ids"], p["positions"]))
 
   la, lb = logits(a), logits(b)
   seg = a["segment_ids"]
@@ -153,9 +155,10 @@ def test_gpt_model_loss_matches_manual_shift():
   model = GPT(cfg)
   ids = _ids((2, 9))
   params = _init(model, ids[:, :-1])
-  logits, _ = model.apply({"params": params}, ids[:, :-1])
+  logits, _ = jax.jit(model.apply)({"params": params}, ids[:, :-1])
   loss, _ = text.causal_lm_loss(logits, ids[:, 1:], jnp.ones((2, 8)))
-  lp = jax.nn.log_softmax(logits)
+  lp = np.asarray(jax.nn.log_softmax(logits))
+  ids = np.asarray(ids)
   manual = -np.mean([lp[b, t, ids[b, t + 1]] for b in range(2) for t in range(8)])
   np.testing.assert_allclose(loss, manual, rtol=1e-5)
 
@@ -173,9 +176,10 @@ def test_tied_embedding_gradient_is_the_sum_of_both_uses():
     logits, _ = model.apply({"params": p}, ids[:, :-1])
     return text.causal_lm_loss(logits, ids[:, 1:], jnp.ones((2, 7)))[0]
 
-  g_tied = jax.grad(lambda p: loss(tied, p))(p_tied)
-  g_untied = jax.grad(lambda p: loss(untied, p))(p_untied)
-  np.testing.assert_allclose(loss(tied, p_tied), loss(untied, p_untied), rtol=1e-6)
+  g_tied = jax.jit(jax.grad(lambda p: loss(tied, p)))(p_tied)
+  g_untied = jax.jit(jax.grad(lambda p: loss(untied, p)))(p_untied)
+  np.testing.assert_allclose(jax.jit(lambda p: loss(tied, p))(p_tied),
+                             jax.jit(lambda p: loss(untied, p))(p_untied), rtol=1e-6)
   g_in = g_untied["encoder"]["embed"]["embedding"]
   g_out = g_untied["head"]["kernel"].T
   assert np.abs(g_in).max() > 0 and np.abs(g_out).max() > 0
@@ -334,8 +338,9 @@ def test_bert_nsp_head_and_pairs():
   model = BERT(cfg)
   ids = jnp.asarray(rows["ids"])
   params = _init(model, ids)
-  logits, aux = model.apply({"params": params}, ids, segment_ids=jnp.asarray(rows["segment_ids"]),
-                            token_types=jnp.asarray(rows["token_types"]))
+  logits, aux = jax.jit(model.apply)({"params": params}, ids,
+                                     segment_ids=jnp.asarray(rows["segment_ids"]),
+                                     token_types=jnp.asarray(rows["token_types"]))
   assert logits.shape == ids.shape + (TOK.vocab_size,) and aux["nsp_logits"].shape == (len(ids), 2)
 
 
@@ -351,8 +356,8 @@ def test_classifier_loads_pretrained_encoder_and_trains():
   np.testing.assert_array_equal(params["encoder"]["embed"]["embedding"],
                                 gpt_params["encoder"]["embed"]["embedding"])
   # The classifier's encoder computes exactly the GPT's hidden states.
-  _, gaux = GPT(cfg).apply({"params": gpt_params}, ids)
-  _, caux = clf.apply({"params": params}, ids)
+  _, gaux = jax.jit(GPT(cfg).apply)({"params": gpt_params}, ids)
+  _, caux = jax.jit(clf.apply)({"params": params}, ids)
   np.testing.assert_allclose(caux["pooled"], gaux["hidden"][:, -1], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="shape"):
     text.init_from_pretrained(fresh, _init(GPT(_cfg(vocab_size=300)), ids))
@@ -364,11 +369,11 @@ def test_classifier_loads_pretrained_encoder_and_trains():
     logits, _ = clf.apply({"params": p}, ids, valid)
     return text.classification_loss(logits, labels)[0]
 
-  first = loss(params)
+  first = jax.jit(loss)(params)
   step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.5 * g, p, jax.grad(loss)(p)))
   for _ in range(5):
     params = step(params)
-  assert loss(params) < first
+  assert jax.jit(loss)(params) < first
 
 
 # ---------------------------------------------------------------- the engine
@@ -390,9 +395,8 @@ def test_gpt_trains_through_the_engine_on_pydoc(tmp_path):
   held = pydoc_split_titles()["validation"]
   assert m["eval/bytes"] == len("".join(topics[t] for t in held).encode("utf-8"))
   # The checkpoint's encoder loads into a classifier.
-  from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
   clf = SequenceClassifier(_cfg(), num_classes=3)
-  params = text.init_from_pretrained(_init(clf, _ids((1, 8))), load_params(str(tmp_path / "gpt")))
+  params = text.init_from_checkpoint(_init(clf, _ids((1, 8))), str(tmp_path / "gpt"))
   assert params["classifier"]["kernel"].shape == (32, 3)
 
 

@@ -50,7 +50,7 @@ __all__ = [
     "BERT", "BERTTask", "BERTTaskConfig", "ByteTokenizer", "GPT", "GPTTask",
     "GPTTaskConfig", "PackedSource", "SequenceClassifier", "TextConfig", "TokenEmbedding",
     "Tokenizer", "causal_lm_loss", "classification_loss", "cross_entropy",
-    "generate", "init_from_pretrained", "make_tokenizer", "mlm_loss",
+    "generate", "init_from_checkpoint", "init_from_pretrained", "make_tokenizer", "mlm_loss",
     "mlm_mask", "pack_documents", "sample_logits",
 ]
 
@@ -521,6 +521,12 @@ def init_from_pretrained(params, pretrained, *, keys: Sequence[str] = ("encoder"
       raise KeyError(f"pretrained params have no {key!r} subtree; top-level keys: {sorted(src)}")
     out[key] = _merge(out[key], src[key], key)
   return out
+
+
+def init_from_checkpoint(params, workdir: str, step: Optional[int] = None, **kw):
+  """``init_from_pretrained`` from a GPT/BERT run's orbax checkpoint in ``workdir``."""
+  from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
+  return init_from_pretrained(params, load_params(workdir, step), **kw)
 
 
 def _merge(dst, src, prefix):

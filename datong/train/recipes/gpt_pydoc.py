@@ -4,7 +4,7 @@ Expected (2-core CPU, float32, shared machine): held-out ``eval/bits_per_byte``
 below 1.79 (xz -9 given the training text: ``pydoc_xz_baseline()``) in under
 10 minutes. Measured numbers are in the final report / BENCHMARKS.md.
 
-Model: 4 layers, width 256, 4 heads, rotary positions, tied byte embeddings
+Model: 4 layers, width 192, 4 heads (1.8M parameters), rotary positions, tied byte embeddings
 (262 ids), sequence 256, packed documents (no attention across topics).
 
     datong train gpt-pydoc --workdir /tmp/gpt-pydoc
@@ -18,14 +18,14 @@ NAME = "gpt-pydoc"
 
 
 def config() -> RunConfig:
-  backbone = TransformerConfig(width=256, depth=4, heads=4, mlp_dim=1024, activation="gelu_tanh",
+  backbone = TransformerConfig(width=192, depth=4, heads=4, mlp_dim=768, activation="gelu_tanh",
                                norm_eps=1e-5, kernel_init="normal", init_std=0.02,
                                use_bias=False)
   model = TextConfig(backbone=backbone, positions="rope", tie_embeddings=True)
   return RunConfig(
       task=GPTTaskConfig(model=model, seq_length=256, z_loss=1e-4),
-      train=TrainConfig(steps=600, batch_size=16, log_every=50, eval_every=0,
+      train=TrainConfig(steps=300, batch_size=8, log_every=25, eval_every=0,
                         checkpoint_every=0, seed=0),
-      optimizer=OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=50,
-                                end_learning_rate_factor=0.05, b2=0.99, weight_decay=0.1,
+      optimizer=OptimizerConfig(learning_rate=5e-3, schedule="cosine", warmup_steps=20,
+                                end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,
                                 grad_clip_norm=1.0))
