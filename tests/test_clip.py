@@ -220,3 +220,117 @@ def test_retrieval_recall_counts_partner_or_key_match():
   assert r["i2t_recall@1"] == 1.0 and r["t2i_recall@1"] == 1.0
   r = C.retrieval_recall(eye, txt, ks=(1,), valid=np.array([1, 1, 0, 0], bool))
   assert r["i2t_recall@1"] == 1.0
+
+
+# ----------------------------------------------------------------- towers ---
+
+import dataclasses  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+
+from datong.backbone import TransformerConfig  # noqa: E402
+from datong.multimodal import clip  # noqa: E402
+from datong.unimodal.text import TextConfig  # noqa: E402
+from datong.unimodal.tokenizers import ByteTokenizer  # noqa: E402
+from datong.unimodal.vision import ViTConfig  # noqa: E402
+
+_BB = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32)
+
+
+def _model(loss="softmax", share=False, pool="eos", causal=True, length=16):
+  return clip.ClipConfig(
+      image=ViTConfig(_BB, image_size=(8, 8), patch_size=(4, 4), channels=1, pool="gap"),
+      text=TextConfig(backbone=_BB, positions="learned", max_length=length),
+      embed_dim=8, text_pool=pool, text_causal=causal, share_backbone=share, loss=loss)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_towers_share_one_backbone_class_and_optionally_its_weights(share):
+  cfg = _model(share=share, loss="sigmoid")
+  ids = clip.tokenize(["a seven", b"the number 7"], ByteTokenizer(), 16)
+  model = clip.CLIP(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), ids)["params"]
+  img, txt, aux = model.apply({"params": params}, jnp.ones((2, 8, 8, 1)), ids)
+  np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, rtol=1e-5)
+  assert float(aux["scale"]) == pytest.approx(10.0) and float(aux["bias"]) == -10.0
+  if share:
+    assert "backbone" in params and "backbone" not in params["text"]
+    assert set(params["image"]) == {"stem", "head"}
+  else:
+    assert "backbone" not in params and "backbone" in params["image"]["encoder"]
+    assert "backbone" in params["text"]
+
+
+@pytest.mark.parametrize("pool,causal", [("eos", True), ("mean", False), ("cls", False)])
+def test_text_embedding_ignores_padding(pool, causal):
+  cfg = _model(pool=pool, causal=causal, length=24)
+  tok = ByteTokenizer()
+  short, long = clip.tokenize(["four"], tok, 12, pool=pool), clip.tokenize(["four"], tok, 24, pool=pool)
+  assert (short[0, :6] == long[0, :6]).all() and (long[0, 12:] == tok.pad_id).all()
+  model = clip.CLIP(cfg, pad_id=tok.pad_id, eos_id=tok.eos_id)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)), long)["params"]
+  enc = lambda ids: model.apply({"params": params}, ids, method="encode_text")
+  _close(enc(short), enc(long), 1e-5)
+
+
+# ------------------------------------------------------- engine, recipes, LiT
+
+def _tiny_run(name, tmp_path, **task_changes):
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  from datong.train.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  cfg = recipes.get(name)
+  task = dataclasses.replace(cfg.task, model=dataclasses.replace(
+      _model(loss=cfg.task.model.loss, length=48), text_causal=cfg.task.model.text_causal,
+      text_pool=cfg.task.model.text_pool), eval_batch_size=184, **task_changes)
+  if task.chunk_size:
+    task = dataclasses.replace(task, chunk_size=4)
+  return dataclasses.replace(cfg, task=task, train=TrainConfig(
+      steps=2, batch_size=8, log_every=1, checkpoint_every=0))
+
+
+def _check_metrics(result, name):
+  m = result.metrics
+  assert result.step == 2 and np.isfinite(m["train/loss"]) and np.isfinite(m["eval/loss"])
+  for k in ("eval/zero_shot_accuracy", "eval/i2t_recall@1", "eval/t2i_recall@5"):
+    assert 0.0 <= m[k] <= 1.0, k
+  assert ("train/bias" in m) == (name == "siglip-digits")
+
+
+def test_clip_recipe_trains_real_steps_through_the_engine(tmp_path):
+  from datong.train import loop, recipes  # pylint: disable=import-outside-toplevel
+  for name in ("clip-digits", "siglip-digits"):
+    full = recipes.get(name).task.build()
+    assert full.flops_per_example() > 1e6 and full.tokens_per_example() > 48
+  result = loop.train(_tiny_run("clip-digits", tmp_path), str(tmp_path / "clip"), progress=False)
+  _check_metrics(result, "clip-digits")
+
+
+def test_siglip_recipe_with_lit_locks_every_image_parameter_bitwise(tmp_path):
+  """The siglip-digits recipe's engine step, as LiT: the image tower is loaded
+  from an exported encoder and locked; every image leaf stays bitwise equal."""
+  from datong.train import loop  # pylint: disable=import-outside-toplevel
+  from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.vision_tasks import export_encoder  # pylint: disable=import-outside-toplevel
+  # A "pretrained" encoder: the same ViT initialized from another seed.
+  model = clip.CLIP(_model(length=48))
+  other = nn.unbox(model.init(jax.random.PRNGKey(42), jnp.zeros((1, 8, 8, 1)),
+                              jnp.zeros((1, 48), jnp.int32))["params"])
+  path = export_encoder({"encoder": other["image"]["encoder"]}, str(tmp_path))
+  cfg = _tiny_run("siglip-digits", tmp_path, lock_image="tower", image_init=path)
+  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, weight_decay=0.1))
+  task = cfg.task.build()
+  init = jax.tree.map(np.asarray, nn.unbox(task.init(
+      jax.random.PRNGKey(0), task.batch_spec(1))["params"]))
+  _check_metrics(loop.train(cfg, str(tmp_path / "run"), progress=False), "siglip-digits")
+  trained = load_params(str(tmp_path / "run"))
+  locked = jax.tree_util.tree_leaves_with_path(trained["image"])
+  assert len(locked) > 5
+  for (path_, new), old in zip(locked, jax.tree.leaves(init["image"])):
+    np.testing.assert_array_equal(new, old, err_msg=jax.tree_util.keystr(path_))
+  for new, old in zip(jax.tree.leaves(trained["image"]["encoder"]),
+                      jax.tree.leaves(other["image"]["encoder"])):
+    np.testing.assert_array_equal(new, old)  # loaded from the export, then locked
+  moved = [not np.array_equal(a, b) for a, b in
+           zip(jax.tree.leaves(trained["text"]), jax.tree.leaves(init["text"]))]
+  assert all(moved) and trained["log_scale"] != init["log_scale"]
