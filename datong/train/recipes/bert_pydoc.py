@@ -4,7 +4,7 @@ Expected (2-core CPU, float32, shared machine): held-out ``eval/mlm_accuracy``
 (15% of bytes selected, 80/10/10) around 0.5-0.6 in under 10 minutes.
 Measured numbers are in the final report / BENCHMARKS.md.
 
-Model: 4 layers, width 256, 4 heads, pre-LN, rotary positions, tied byte
+Model: 4 layers, width 192, 4 heads (1.8M parameters), pre-LN, rotary positions, tied byte
 embeddings, sequence 256, packed documents (no attention across topics).
 
     datong train bert-pydoc --workdir /tmp/bert-pydoc
@@ -18,14 +18,14 @@ NAME = "bert-pydoc"
 
 
 def config() -> RunConfig:
-  backbone = TransformerConfig(width=256, depth=4, heads=4, mlp_dim=1024, activation="gelu",
+  backbone = TransformerConfig(width=192, depth=4, heads=4, mlp_dim=768, activation="gelu",
                                norm_eps=1e-5, kernel_init="normal", init_std=0.02,
                                use_bias=False)
   model = TextConfig(backbone=backbone, positions="rope", tie_embeddings=True)
   return RunConfig(
       task=BERTTaskConfig(model=model, seq_length=256),
-      train=TrainConfig(steps=600, batch_size=16, log_every=50, eval_every=0,
+      train=TrainConfig(steps=300, batch_size=8, log_every=25, eval_every=0,
                         checkpoint_every=0, seed=0),
-      optimizer=OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=50,
-                                end_learning_rate_factor=0.05, b2=0.99, weight_decay=0.1,
+      optimizer=OptimizerConfig(learning_rate=4e-3, schedule="cosine", warmup_steps=20,
+                                end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,
                                 grad_clip_norm=1.0))
