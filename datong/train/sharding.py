@@ -112,6 +112,16 @@ def _fallback_spec(shape, dtype, mesh: Mesh) -> P:
   return P()
 
 
+def _divisible(spec: P, shape, mesh: Mesh) -> P:
+  """Drop the mesh axes of dims they do not divide (e.g. 10 classes over 4)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[n] for n in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
 @dataclasses.dataclass
 class ShardingPlan:
   """The result of ``plan_shardings``: abstract arrays and their shardings."""
@@ -151,7 +161,7 @@ def plan_params(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=RULES) -> 
 
   def leaf_sharding(leaf):
     if _is_box(leaf):
-      spec = nn.logical_to_mesh_axes(P(*leaf.names), rules)
+      spec = _divisible(nn.logical_to_mesh_axes(P(*leaf.names), rules), leaf.value.shape, mesh)
     else:
       spec = _fallback_spec(leaf.shape, leaf.dtype, mesh)
     return NamedSharding(mesh, spec)
