@@ -183,13 +183,17 @@ def _real_rows(batch) -> np.ndarray:
 
 # --------------------------------------------------------------- evaluation
 
+FEATURES = ("pooled", "cls", "gap", "cls+gap", "layers", "tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   """Frozen-feature evaluation: logistic regression and k-NN.
 
   ``features``: ``pooled`` (the encoder's pooling), ``cls``, ``gap``,
-  ``cls+gap`` (concatenated), or ``layers`` (the mean patch token of every
-  block, concatenated with cls+gap). Features are standardized with train
+  ``cls+gap`` (concatenated), ``layers`` (the mean patch token of every
+  block, concatenated with cls+gap), or ``tokens`` (every patch token of the
+  last block, flattened in image order: a probe that keeps the spatial map). Features are standardized with train
   statistics; ``c`` is the inverse L2 strength of the logistic regression
   (0: chosen by 3-fold cross-validation on the train features).
   """
@@ -199,9 +203,8 @@ class ProbeConfig:
   knn_k: int = 5
 
   def __post_init__(self):
-    if self.features not in ("pooled", "cls", "gap", "cls+gap", "layers"):
-      raise ValueError(f"ProbeConfig.features={self.features!r}: choose pooled, cls, gap, "
-                       "cls+gap or layers.")
+    if self.features not in FEATURES:
+      raise ValueError(f"ProbeConfig.features={self.features!r}: choose one of {FEATURES}.")
     if self.c < 0:
       raise ValueError(f"ProbeConfig.c={self.c}: must be >= 0 (0: cross-validated).")
 
@@ -216,6 +219,9 @@ def select_features(aux: dict, which: str, has_cls: bool):
     return cls
   if which == "gap":
     return gap
+  if which == "tokens":
+    tokens = aux["patch_tokens"]
+    return tokens.reshape(tokens.shape[0], -1)
   if which == "layers":
     prefix = int(has_cls)
     per_layer = [jnp.mean(layer[:, prefix:], axis=1) for layer in aux["layers"]]
@@ -516,11 +522,11 @@ class MAETaskConfig:
 class _MIMTask(_ImageTask):
   """Shared evaluation of the masked-image tasks."""
 
-  def features(self, params, images):
+  def features(self, params, images, which: Optional[str] = None):
+    which = self.config.probe.features if which is None else which
     _, aux = ViTEncoder(self.encoder_config).apply(
-        {"params": _unbox(params)["encoder"]}, images,
-        return_layers=self.config.probe.features == "layers")
-    return select_features(aux, self.config.probe.features, self.encoder_config.has_cls)
+        {"params": _unbox(params)["encoder"]}, images, return_layers=which == "layers")
+    return select_features(aux, which, self.encoder_config.has_cls)
 
   def mean_eval_loss(self, params, ctx):
     loss_fn = jax.jit(lambda p, b: self.loss(p, b, jax.random.PRNGKey(0), train=False)[0])
@@ -532,8 +538,13 @@ class _MIMTask(_ImageTask):
     return total / max(count, 1)
 
   def evaluate(self, params, ctx: EvalContext):
-    metrics = probe_metrics(jax.jit(self.features), params, ctx, self.config.probe,
+    probe = self.config.probe
+    metrics = probe_metrics(jax.jit(self.features), params, ctx, probe,
                             self.train_split, self.eval_split)
+    if probe.features != "pooled":  # the standard probe too, for comparison
+      pooled = probe_metrics(jax.jit(functools.partial(self.features, which="pooled")), params,
+                             ctx, probe, self.train_split, self.eval_split)
+      metrics.update({k.replace("eval/", "eval/pooled_"): v for k, v in pooled.items()})
     metrics["eval/loss"] = self.mean_eval_loss(params, ctx)
     if self.config.export_encoder and ctx.workdir and jax.process_index() == 0:
       export_encoder(params, ctx.workdir)

@@ -11,7 +11,9 @@ final report / BENCHMARKS.md.
 Model: encoder ViT on 8x8 images with 2x2 patches (16 tokens, 12 masked),
 width 96, depth 4, [CLS], fixed 2-D sin-cos positions; decoder width 64,
 depth 2; per-patch normalized pixel targets. Probe: logistic regression on
-the standardized [CLS] and mean-patch features of the full (unmasked) image.
+the standardized, flattened patch-token map of the full (unmasked) image
+(``eval/linear_probe_accuracy``) and on the pooled [CLS] feature
+(``eval/pooled_linear_probe_accuracy``).
 
     datong train mae-digits --workdir /tmp/mae-digits
 """
@@ -32,9 +34,10 @@ def config() -> RunConfig:
   decoder = TransformerConfig(width=64, depth=2, heads=4, mlp_dim=128)
   return RunConfig(
       task=MAETaskConfig(model=MAEConfig(encoder, decoder, mask_ratio=0.75, norm_pix_loss=True),
-                         data=ImageData(upsample=1, shift=1.0, rotate=10.0, scale=0.1),
-                         probe=ProbeConfig(features="cls+gap", c=0.1)),
-      train=TrainConfig(steps=1500, batch_size=128, log_every=100, eval_every=0,
+                         data=ImageData(upsample=1, crop_pad=1, shift=1.0, rotate=10.0,
+                                        scale=0.1),
+                         probe=ProbeConfig(features="tokens", c=0.1)),
+      train=TrainConfig(steps=1000, batch_size=128, log_every=100, eval_every=0,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=100,
                                 b2=0.95, weight_decay=0.05, grad_clip_norm=1.0))
