@@ -10,15 +10,16 @@ returns the Datong model with its ``params`` collection::
 
 Supported ``architectures`` (the first entry of ``config.json``'s list):
 
-=============================  =================================================
-``GPT2LMHeadModel``/``GPT2Model``  ``GPT`` (learned positions, pre-LN, tied head)
-``BertForMaskedLM``            ``BERT`` (post-LN, token types, MLM head)
-``BertForPreTraining``         ``BERT`` with ``nsp=True`` (pooler + NSP head)
-``ViTForImageClassification``  ``ViTClassifier`` (images NHWC, not NCHW)
-``ViTMAEForPreTraining``       ``MAE`` (``mae_masking`` reproduces HF's noise masking)
-``CLIPModel``                  ``CLIP`` (needs ``ViTConfig.pre_norm``, see below);
-                               ``load_clip_text`` gives the text tower today
-=============================  =================================================
+* ``GPT2LMHeadModel``, ``GPT2Model`` -> ``GPT`` (learned positions, pre-LN,
+  tied or untied head);
+* ``BertForMaskedLM`` -> ``BERT``; ``BertForPreTraining`` -> ``BERT`` with
+  ``nsp=True`` (pooler + next-sentence head);
+* ``ViTForImageClassification`` -> ``ViTClassifier`` (images NHWC: transpose
+  HF's NCHW pixel values);
+* ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise, ratio)``
+  reproduces HF's masking from its explicit ``noise``;
+* ``CLIPModel`` -> ``CLIP`` once ``ViTConfig.pre_norm`` exists (CLIP's vision
+  ``pre_layrnorm``); ``load_clip_text`` loads the text tower today.
 
 Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not
