@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -145,3 +146,27 @@ def capability_reason(q, k, v) -> Optional[str]:
   if head_dim > MAX_HEAD_DIM:
     return f"the Pallas kernels support head_dim <= {MAX_HEAD_DIM}; got {head_dim}"
   return None
+
+
+def flash_with_vjp(forward, backward):
+  """A ``custom_vjp`` flash attention ``f(cfg, q, k, v, q_ids, kv_ids)``.
+
+  ``forward(cfg, q, k, v, q_ids, kv_ids) -> (out, lse)`` and
+  ``backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out) -> (dq, dk, dv)``;
+  segment ids get no gradient.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def flash(cfg, q, k, v, q_ids, kv_ids):
+    return forward(cfg, q, k, v, q_ids, kv_ids)[0]
+
+  def flash_fwd(cfg, q, k, v, q_ids, kv_ids):
+    out, lse = forward(cfg, q, k, v, q_ids, kv_ids)
+    return out, (q, k, v, q_ids, kv_ids, out, lse)
+
+  def flash_bwd(cfg, residuals, d_out):
+    q, k, v, q_ids, kv_ids, out, lse = residuals
+    dq, dk, dv = backward(cfg, q, k, v, q_ids, kv_ids, out, lse, d_out)
+    return dq, dk, dv, None, None
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash

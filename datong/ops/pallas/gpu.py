@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from datong.ops.pallas._common import (MASK_VALUE, BlockSizes, cdiv, check_inputs,
+from datong.ops.pallas._common import (MASK_VALUE, BlockSizes, cdiv, check_inputs, flash_with_vjp,
                                        next_power_of_two, pad_axis, padded_length)
 
 try:  # Triton compiler params; the module is importable without a GPU.
@@ -377,23 +377,8 @@ def _backward(cfg: _Config, q, k, v, q_ids, kv_ids, o, lse, do):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_ids, kv_ids):
-  return _forward(cfg, q, k, v, q_ids, kv_ids)[0]
-
-
-def _flash_fwd(cfg, q, k, v, q_ids, kv_ids):
-  o, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
-  return o, (q, k, v, q_ids, kv_ids, o, lse)
-
-
-def _flash_bwd(cfg, residuals, do):
-  q, k, v, q_ids, kv_ids, o, lse = residuals
-  dq, dk, dv = _backward(cfg, q, k, v, q_ids, kv_ids, o, lse, do)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# Forward keeps the log-sum-exp residual; the backward recomputes probabilities from it.
+_flash = flash_with_vjp(_forward, _backward)
 
 
 def _shrink(block: int, length: int) -> int:

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from datong.ops.pallas._common import (MASK_VALUE, BlockSizes, cdiv, check_inputs,
+from datong.ops.pallas._common import (MASK_VALUE, BlockSizes, cdiv, check_inputs, flash_with_vjp,
                                        pad_axis, padded_length, round_up)
 
 LANES = 128
@@ -372,23 +372,8 @@ def _backward(cfg: _Config, q, k, v, q_ids, kv_ids, o, lse, do):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, q_ids, kv_ids):
-  return _forward(cfg, q, k, v, q_ids, kv_ids)[0]
-
-
-def _flash_fwd(cfg, q, k, v, q_ids, kv_ids):
-  o, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
-  return o, (q, k, v, q_ids, kv_ids, o, lse)
-
-
-def _flash_bwd(cfg, residuals, do):
-  q, k, v, q_ids, kv_ids, o, lse = residuals
-  dq, dk, dv = _backward(cfg, q, k, v, q_ids, kv_ids, o, lse, do)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# Forward keeps the log-sum-exp residual; the backward recomputes probabilities from it.
+_flash = flash_with_vjp(_forward, _backward)
 
 
 def _axis_blocks(blocks: tuple[int, ...], length: int) -> tuple[int, tuple[int, ...]]:
