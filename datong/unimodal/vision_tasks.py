@@ -201,6 +201,7 @@ class ProbeConfig:
   c: float = 1.0
   max_iter: int = 2000
   knn_k: int = 5
+  batch_size: int = 256  # feature extraction batch (rounded up by the engine)
 
   def __post_init__(self):
     if self.features not in FEATURES:
@@ -230,17 +231,18 @@ def select_features(aux: dict, which: str, has_cls: bool):
 
 
 def extract_features(feature_fn, params, batches):
-  """Run ``feature_fn(params, images) -> [b, d]`` over padded batches.
+  """Run ``feature_fn(params, images) -> {name: [b, d]}`` over padded batches.
 
-  Returns ``(features [n, d] float32, labels [n])`` of the real rows only.
+  Returns ``({name: features [n, d] float32}, labels [n])`` of the real rows.
   """
-  feats, labels = [], []
+  feats, labels = {}, []
   for batch in batches:
     real = _real_rows(batch)
-    f = np.asarray(jax.device_get(feature_fn(params, batch["image"])), np.float32)
-    feats.append(f[real])
+    out = jax.device_get(feature_fn(params, batch["image"]))
+    for name, f in out.items():
+      feats.setdefault(name, []).append(np.asarray(f, np.float32)[real])
     labels.append(np.asarray(batch["label"])[real])
-  return np.concatenate(feats), np.concatenate(labels)
+  return {k: np.concatenate(v) for k, v in feats.items()}, np.concatenate(labels)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, c: float = 1.0,
@@ -276,12 +278,16 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 5,
 
 def probe_metrics(feature_fn, params, ctx: EvalContext, probe: ProbeConfig,
                   train_split: str, eval_split: str) -> dict:
-  """``eval/linear_probe_accuracy`` and ``eval/knn_accuracy`` of frozen features."""
-  tx, ty = extract_features(feature_fn, params, ctx.batches(train_split))
-  vx, vy = extract_features(feature_fn, params, ctx.batches(eval_split))
-  return {"eval/linear_probe_accuracy": linear_probe(tx, ty, vx, vy, c=probe.c,
-                                                     max_iter=probe.max_iter),
-          "eval/knn_accuracy": knn_accuracy(tx, ty, vx, vy, k=probe.knn_k)}
+  """``eval/{name}linear_probe_accuracy`` and ``eval/{name}knn_accuracy`` for
+  every feature set ``name`` of ``feature_fn(params, images) -> {name: [b, d]}``."""
+  tx, ty = extract_features(feature_fn, params, ctx.batches(train_split, probe.batch_size))
+  vx, vy = extract_features(feature_fn, params, ctx.batches(eval_split, probe.batch_size))
+  metrics = {}
+  for name in tx:
+    metrics[f"eval/{name}linear_probe_accuracy"] = linear_probe(
+        tx[name], ty, vx[name], vy, c=probe.c, max_iter=probe.max_iter)
+    metrics[f"eval/{name}knn_accuracy"] = knn_accuracy(tx[name], ty, vx[name], vy, k=probe.knn_k)
+  return metrics
 
 
 def export_encoder(params, workdir: str, name: str = ENCODER_EXPORT) -> str:
@@ -539,12 +545,15 @@ class _MIMTask(_ImageTask):
 
   def evaluate(self, params, ctx: EvalContext):
     probe = self.config.probe
-    metrics = probe_metrics(jax.jit(self.features), params, ctx, probe,
+
+    def feature_sets(p, images):
+      out = {"": self.features(p, images)}
+      if probe.features != "pooled":  # the standard pooled probe too, for comparison
+        out["pooled_"] = self.features(p, images, which="pooled")
+      return out
+
+    metrics = probe_metrics(jax.jit(feature_sets), params, ctx, probe,
                             self.train_split, self.eval_split)
-    if probe.features != "pooled":  # the standard probe too, for comparison
-      pooled = probe_metrics(jax.jit(functools.partial(self.features, which="pooled")), params,
-                             ctx, probe, self.train_split, self.eval_split)
-      metrics.update({k.replace("eval/", "eval/pooled_"): v for k, v in pooled.items()})
     metrics["eval/loss"] = self.mean_eval_loss(params, ctx)
     if self.config.export_encoder and ctx.workdir and jax.process_index() == 0:
       export_encoder(params, ctx.workdir)
