@@ -274,6 +274,18 @@ def test_text_embedding_ignores_padding(pool, causal):
   _close(enc(short), enc(long), 1e-5)
 
 
+def test_caption_augmentation_deletes_and_inserts_words():
+  rng = np.random.default_rng(0)
+  caption = b"the scan of one handwritten seven"
+  assert clip.augment_caption(caption, rng) == caption.decode()
+  words = caption.decode().split()
+  for _ in range(20):
+    out = clip.augment_caption(caption, rng, word_dropout=0.3, noise_words=1.0).split()
+    kept = [w for w in out if w in words]
+    assert kept == [w for w in words if w in kept]  # order kept, only deletions
+    assert all(w.isalpha() and w.islower() for w in out)
+
+
 # ------------------------------------------------------- engine, recipes, LiT
 
 def _tiny_run(name, tmp_path, **task_changes):

@@ -7,11 +7,15 @@ class-level retrieval ``eval/i2t_recall@1`` / ``eval/t2i_recall@1`` (a hit
 when the retrieved caption / image has the query's digit), in under 10
 minutes wall time. Measured numbers are in the final report / BENCHMARKS.md.
 
-Model: two towers on the shared backbone. Image: ViT on 8x8 with 2x2 patches
-(16 tokens), width 96, depth 4, mean pooling. Text: byte tokens (48), width
-64, depth 2, causal, pooled at EOS. Both projected to 64-d, L2-normalized;
-CLIP's symmetric softmax loss with a learnable temperature (1/0.07, clipped
-at 100). Random shift / rotation / scaling of the images in training.
+Model: two towers on the shared backbone class. Image: ViT on 8x8 with 4x4
+patches (4 tokens), width 128, depth 2, mean pooling. Text: byte tokens
+(48), width 64, depth 1, bidirectional, mean-pooled over real tokens. Both
+projected to 64-d and L2-normalized; CLIP's symmetric softmax loss with a
+learnable temperature (1/0.07, logit scale clipped at 100). Training
+augments images (random shift / rotation / scaling, on device) and captions
+(5% word dropout, ~0.5 random letter-string words inserted): without the
+caption noise the text tower latches onto the 16 training templates and
+single unseen prompts score 20-95% (ensemble 93%).
 
     datong train clip-digits --workdir /tmp/clip-digits
 """
@@ -46,7 +50,8 @@ def config() -> RunConfig:
       task=ClipTaskConfig(
           model=model("softmax"),
           image=ImageData(dataset="digit_captions", shift=1.0, rotate=10.0, scale=0.1),
-          class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES),
+          class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES,
+          word_dropout=0.05, noise_words=0.5),
       train=TrainConfig(steps=1000, batch_size=128, log_every=100, eval_every=0,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=30,
