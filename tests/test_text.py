@@ -388,7 +388,8 @@ def _run(task, tmp_path, steps=2):
 
 
 def test_gpt_trains_through_the_engine_on_pydoc(tmp_path):
-  task = text.GPTTaskConfig(model=_cfg(), seq_length=64, eval_stride=0)
+  task = text.GPTTaskConfig(model=_cfg(), seq_length=64, eval_stride=0,
+                            eval_batch_size=256)
   result = _run(task, tmp_path / "gpt")
   m = result.metrics
   assert result.step == 2 and np.isfinite(m["train/loss"])
@@ -402,7 +403,7 @@ def test_gpt_trains_through_the_engine_on_pydoc(tmp_path):
 
 
 def test_bert_trains_through_the_engine_on_pydoc(tmp_path):
-  task = text.BERTTaskConfig(model=_cfg(), seq_length=64)
+  task = text.BERTTaskConfig(model=_cfg(), seq_length=64, eval_batch_size=256)
   m = _run(task, tmp_path / "bert").metrics
   assert np.isfinite(m["train/loss"]) and 0.0 <= m["eval/mlm_accuracy"] <= 1.0
   assert 0.14 < m["eval/mlm_tokens"] / 32208 < 0.16  # 15% of held-out bytes

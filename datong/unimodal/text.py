@@ -685,6 +685,7 @@ class GPTTaskConfig:
   # seq_length - eval_stride tokens of context. 0 or >= seq_length: evaluate
   # on packed rows like training (a row's first targets then see little).
   eval_stride: int = 128
+  eval_batch_size: int = 0  # 0: the train batch size
   z_loss: float = 1e-4
   tokenizer: str = "byte"  # byte | spm:PATH | hf:PATH
   dataset: str = "pydoc_text"
@@ -811,7 +812,7 @@ class GPTTask(Task):
   def evaluate(self, params, ctx: EvalContext):
     fn = jax.jit(self.eval_sums)
     sums = {}
-    for batch in ctx.batches(self.eval_split):
+    for batch in ctx.batches(self.eval_split, self.config.eval_batch_size or None):
       for k, v in fn(params, batch).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     tokens, nbytes = max(sums.get("tokens", 0.0), 1.0), max(sums.get("bytes", 0.0), 1.0)
@@ -848,6 +849,7 @@ class BERTTaskConfig:
   eval_split: str = "validation"
   text_feature: str = "text"
   eval_seed: int = 1234
+  eval_batch_size: int = 0  # 0: the train batch size
 
   def __post_init__(self):
     if not 0.0 < self.mask_rate < 1.0:
@@ -952,7 +954,7 @@ class BERTTask(Task):
   def evaluate(self, params, ctx: EvalContext):
     fn = jax.jit(self.eval_sums)
     sums = {}
-    for batch in ctx.batches(self.eval_split):
+    for batch in ctx.batches(self.eval_split, self.config.eval_batch_size or None):
       for k, v in fn(params, batch).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     count = max(sums.get("count", 0.0), 1.0)

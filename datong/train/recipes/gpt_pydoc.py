@@ -24,8 +24,8 @@ def config() -> RunConfig:
   model = TextConfig(backbone=backbone, positions="rope", tie_embeddings=True)
   return RunConfig(
       task=GPTTaskConfig(model=model, seq_length=256, z_loss=1e-4),
-      train=TrainConfig(steps=300, batch_size=8, log_every=25, eval_every=0,
+      train=TrainConfig(steps=240, batch_size=8, log_every=25, eval_every=0,
                         checkpoint_every=0, seed=0),
-      optimizer=OptimizerConfig(learning_rate=5e-3, schedule="cosine", warmup_steps=20,
+      optimizer=OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=20,
                                 end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,
                                 grad_clip_norm=1.0))
