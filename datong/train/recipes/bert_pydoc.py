@@ -1,8 +1,12 @@
 """BERT byte-level masked LM on Python's docs: masked-byte accuracy on held-out topics.
 
-Expected (2-core CPU, float32, shared machine): held-out ``eval/mlm_accuracy``
-(15% of bytes selected, 80/10/10) around 0.5-0.6 in under 10 minutes.
-Measured numbers are in the final report / BENCHMARKS.md.
+Reports ``eval/mlm_accuracy`` on the ``validation`` topics (15% of held-out
+bytes selected, 80/10/10, masks fixed by ``eval_seed``). Measured on the
+shared 2-core CPU (float32) with load average ~12.6: 300 steps in 14m53s
+wall (4m49s CPU), eval/mlm_accuracy 0.210, eval/mlm_loss 3.01 nats. The
+machine was shared by 4-5 jobs (this run got 4m49s of CPU in 14m53s), so
+the 10-minute budget was exceeded; ``--set train.steps=200`` is the
+10-minute version at that load.
 
 Model: 4 layers, width 192, 4 heads (1.8M parameters), pre-LN, rotary positions, tied byte
 embeddings, sequence 256, packed documents (no attention across topics).
