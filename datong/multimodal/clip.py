@@ -372,6 +372,7 @@ class ClipTaskConfig:
   noise_words: float = 0.0
   lock_image: str = ""
   image_init: str = ""
+  logit_lr_scale: float = 1.0  # learning-rate multiplier of log_scale and bias
   retrieval_ks: tuple = (1, 5)
   eval_batch_size: int = 0  # 0: the train batch size
 
@@ -528,6 +529,15 @@ class ClipTask(Task):
     return float(img + txt)
 
   # --- optimizer hooks ---
+  def learning_rate_scale(self, params):
+    """``logit_lr_scale`` on the temperature and bias (small batches move the
+    SigLIP bias far from its -10 start), 1 elsewhere; None when 1."""
+    scale = self.config.logit_lr_scale
+    if scale == 1.0:
+      return None
+    return {k: (jax.tree.map(lambda _: scale, v) if k in ("log_scale", "bias")
+                else jax.tree.map(lambda _: 1.0, v)) for k, v in params.items()}
+
   def trainable(self, params):
     lock = self.config.lock_image
     if not lock:
