@@ -9,7 +9,7 @@ CPU. Measured (float32, 4-5 jobs sharing the machine):
 - ``--set train.steps=300 --set optimizer.learning_rate=5e-3``: 12m43s wall
   (4m15s CPU), load ~9.7, eval/bits_per_byte 3.481.
 
-Both runs see ~0.5M tokens (about one epoch of the 436 KB of training
+Both runs see ~0.5M tokens (about one epoch of the 433,909 bytes of training
 text), still in the early phase of byte-level learning; beating xz needs
 many more tokens than this machine processes in 10 minutes. Evaluation
 scores every held-out byte once with >= 128 bytes of context (windows of
