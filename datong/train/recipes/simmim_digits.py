@@ -2,7 +2,8 @@
 
 Expected (2-core CPU shared with other jobs, float32): ``eval/linear_probe_accuracy``
 and ``eval/knn_accuracy`` on the fixed 360-image test split in under 10
-minutes wall time. Measured numbers are in the final report / BENCHMARKS.md.
+minutes wall time. Measured (load average ~7, 78% CPU): token-map probe 0.9306, k-NN 0.8889,
+pooled (GAP) probe 0.5611, in 5m32s wall.
 
 Model: ViT on 8x8 images with 2x2 patches (16 tokens), width 96, depth 4,
 GAP, learned positions, a learned mask token; masks drawn on 4x4-pixel
