@@ -18,8 +18,8 @@ Supported ``architectures`` (the first entry of ``config.json``'s list):
   HF's NCHW pixel values);
 * ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise, ratio)``
   reproduces HF's masking from its explicit ``noise``;
-* ``CLIPModel`` -> ``CLIP`` once ``ViTConfig.pre_norm`` exists (CLIP's vision
-  ``pre_layrnorm``); ``load_clip_text`` loads the text tower today.
+* ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit scale);
+  ``load_clip_text`` loads the text tower alone.
 
 Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not
@@ -799,14 +799,11 @@ def clip_config(config: Mapping, **backbone_overrides):
   text = TextConfig(backbone=_clip_backbone(tc, "CLIP text", **backbone_overrides),
                     vocab_size=tc.get("vocab_size", 49408), positions="learned",
                     max_length=tc.get("max_position_embeddings", 77), tie_embeddings=False)
-  vision_kw = {}
-  if "pre_norm" in ViTConfig.__dataclass_fields__:
-    vision_kw["pre_norm"] = True
   image = ViTConfig(_clip_backbone(vc, "CLIP vision", **backbone_overrides),
                     image_size=_pair(vc.get("image_size", 224)),
                     patch_size=_pair(vc.get("patch_size", 32)),
                     channels=vc.get("num_channels", 3), pool="cls", posemb="learned",
-                    **vision_kw)
+                    pre_norm=True)
   return ClipConfig(image=image, text=text, embed_dim=config.get("projection_dim", 512),
                     text_pool="eos", text_causal=True, loss="softmax", max_scale=None,
                     head_bias=False)
@@ -856,23 +853,14 @@ def _clip_image_params(cfg, state: _State) -> dict:
 
 
 def load_clip(path: str, **backbone_overrides):
-  """``(CLIP, params)`` from a ``CLIPModel`` directory.
-
-  Needs ``ViTConfig.pre_norm`` (CLIP's vision ``pre_layrnorm``, a LayerNorm
-  on the embeddings before the backbone); raises ``UnsupportedError`` until
-  Datong's ViT has it. ``load_clip_text`` works without it.
-  """
+  """``(CLIP, params)`` from a ``CLIPModel`` directory (vision ``pre_layrnorm``
+  becomes ``ViTConfig.pre_norm``)."""
   config, tensors = read_checkpoint(path)
   return _load_clip(config, _State(tensors, "CLIPModel"), **backbone_overrides)
 
 
 def _load_clip(config, state, **backbone_overrides):
   from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
-  if "pre_norm" not in ViTConfig.__dataclass_fields__:
-    raise UnsupportedError(
-        "CLIPModel: the vision tower's pre_layrnorm (a LayerNorm on the patch + [CLS] "
-        "embeddings before the first block) needs ViTConfig.pre_norm, which Datong's "
-        "ViTEncoder does not have yet; load_clip_text loads the text tower alone.")
   cfg = clip_config(config, **backbone_overrides)
   pad, eos = _clip_ids(config["text_config"])
   model = CLIP(cfg, pad_id=pad, eos_id=eos)

@@ -355,10 +355,6 @@ def test_vit_mae_parity(torch_hf, tmp_path):
   print("vit-mae", {k: f"{v:.2e}" for k, v in errs.items()})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HF ViT-MAE's norm_pix_loss normalizes targets with the unbiased variance "
-    "(torch.var); datong.unimodal.masked_image.normalize_patches / mae_loss use the "
-    "biased one and have no `ddof` option yet"))
 def test_vit_mae_norm_pix_loss_parity(torch_hf, tmp_path):
   torch, T = torch_hf
   model, out, _, masking, images, pred, _ = _mae_case(torch, T, tmp_path, True)
@@ -409,9 +405,6 @@ def test_clip_text_parity(torch_hf, tmp_path):
   print("clip text", {k: f"{v:.2e}" for k, v in errs.items()})
 
 
-@pytest.mark.xfail(strict=True, raises=hf.UnsupportedError, reason=(
-    "CLIP's vision tower applies pre_layrnorm to the embeddings before the first block; "
-    "needs ViTConfig.pre_norm (datong/unimodal/vision.py) to load the image tower"))
 def test_clip_parity(torch_hf, tmp_path):
   from datong.multimodal.contrastive import softmax_contrastive_loss
   torch, T = torch_hf

@@ -179,14 +179,17 @@ class MAE(nn.Module):
     return pred, aux
 
 
-def normalize_patches(patches, eps: float = 1e-6):
-  """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target)."""
+def normalize_patches(patches, eps: float = 1e-6, ddof: int = 0):
+  """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target).
+
+  ``ddof=1`` is the unbiased variance of the official MAE code (torch.var).
+  """
   mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=ddof)
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
-def mae_loss(pred, images, mask, patch_size, *, norm_pix: bool = True):
+def mae_loss(pred, images, mask, patch_size, *, norm_pix: bool = True, ddof: int = 0):
   """MSE over the masked patches only. Returns ``(loss, metrics)``.
 
   ``pred [b, n, patch_dim]``, ``images [b, h, w, c]`` (the target),
@@ -194,7 +197,7 @@ def mae_loss(pred, images, mask, patch_size, *, norm_pix: bool = True):
   """
   target = patchify(images.astype(jnp.float32), patch_size)
   if norm_pix:
-    target = normalize_patches(target)
+    target = normalize_patches(target, ddof=ddof)
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
   m = mask.astype(jnp.float32)
   loss = jnp.sum(per_patch * m) / jnp.maximum(jnp.sum(m), 1.0)

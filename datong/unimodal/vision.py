@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from datong.backbone import Transformer, TransformerConfig
+from datong.backbone import Norm, Transformer, TransformerConfig
 from datong.ops.patches import grid_shape, patchify, unpatchify
 from datong.ops.posemb import interpolate_2d, sincos_2d
 
@@ -58,6 +58,7 @@ class ViTConfig:
   cls_token: Optional[bool] = None  # None: True iff pool == "cls"
   posemb: str = "learned"  # learned | sincos (fixed 2-D) | none
   mask_token: bool = False  # a learned token replacing masked patches (SimMIM)
+  pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's ViT)
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", _pair(self.image_size))
@@ -189,6 +190,8 @@ class ViTEncoder(nn.Module):
       cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, bb.width))
       x = jnp.concatenate([cls, x], axis=1)
       prefix = 1
+    if cfg.pre_norm:
+      x = Norm(bb, name="pre_norm")(x)
     hidden, baux = Transformer(bb, name="backbone")(x, train=train, return_layers=return_layers)
     patch_tokens = hidden[:, prefix:]
     pooled = hidden[:, 0] if cfg.pool == "cls" else jnp.mean(patch_tokens, axis=1)
