@@ -676,6 +676,16 @@ def _zeros(spec):
   return jnp.zeros(spec.shape, spec.dtype)
 
 
+def _eval_totals(task, params, ctx: EvalContext) -> dict[str, float]:
+  """Sum ``task.eval_sums`` (jitted, per batch) over the whole eval split."""
+  fn = jax.jit(task.eval_sums)
+  sums: dict[str, float] = {}
+  for batch in ctx.batches(task.eval_split, task.config.eval_batch_size or None):
+    for k, v in fn(params, batch).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return sums
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTTaskConfig:
   """Causal LM pretraining on packed documents (``<bos> text <eos>``)."""
@@ -810,11 +820,7 @@ class GPTTask(Task):
             "byte_nll": jnp.sum(nll * (b > 0)), "bytes": jnp.sum(b)}
 
   def evaluate(self, params, ctx: EvalContext):
-    fn = jax.jit(self.eval_sums)
-    sums = {}
-    for batch in ctx.batches(self.eval_split, self.config.eval_batch_size or None):
-      for k, v in fn(params, batch).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+    sums = _eval_totals(self, params, ctx)
     tokens, nbytes = max(sums.get("tokens", 0.0), 1.0), max(sums.get("bytes", 0.0), 1.0)
     return {"eval/loss": sums["nll"] / tokens, "eval/perplexity": math.exp(sums["nll"] / tokens),
             "eval/bits_per_token": sums["nll"] / tokens / LN2,
@@ -952,11 +958,7 @@ class BERTTask(Task):
     return out
 
   def evaluate(self, params, ctx: EvalContext):
-    fn = jax.jit(self.eval_sums)
-    sums = {}
-    for batch in ctx.batches(self.eval_split, self.config.eval_batch_size or None):
-      for k, v in fn(params, batch).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+    sums = _eval_totals(self, params, ctx)
     count = max(sums.get("count", 0.0), 1.0)
     out = {"eval/mlm_loss": sums["nll"] / count, "eval/mlm_accuracy": sums["correct"] / count,
            "eval/mlm_tokens": sums["count"]}
