@@ -10,7 +10,7 @@ import numpy as np
 from datong.train import loop, writers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_task import DigitsTaskConfig  # pylint: disable=wrong-import-position,unused-import
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

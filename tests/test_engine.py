@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
 
 from datong.train import checkpoint as ckpt_lib
 from datong.train import config as config_lib
-from datong.train import loop, sharding, writers
+from datong.train import loop, writers
 from datong.train.config import MeshConfig, OptimizerConfig, RunConfig, TrainConfig
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -11,7 +11,6 @@ round-trip tests at the top need neither.
 
 import inspect
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@ and full-size steps (ViT-B/16, GPT-2 small) compile without hardware."""
 import dataclasses
 
 import pytest
-import jax
 
 from datong.backbone import TransformerConfig
 from datong.train import config as config_lib

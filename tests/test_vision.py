@@ -1,6 +1,5 @@
 """Vision: patch stem, ViT, MAE, SimMIM, probes, and the digits recipes' tasks."""
 
-import itertools
 import os
 
 import flax.linen as nn

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import Transformer, TransformerConfig
+from datong.backbone import Norm, Transformer, TransformerConfig
 from datong.multimodal import contrastive
 from datong.unimodal.text import TextConfig, TokenEmbedding, make_tokenizer
 from datong.unimodal.vision import PatchEmbedding, ViTConfig, ViTEncoder
@@ -155,6 +155,8 @@ class ImageTower(nn.Module):
                          (bb.width,), bb.params_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, bb.width)),
                              x], axis=1)
+      if vit.pre_norm:  # as ViTEncoder does
+        x = Norm(bb, name="pre_norm")(x)
       hidden, aux = self.backbone(x, train=train)
       patches = hidden[:, 1:] if vit.has_cls else hidden
       pooled = hidden[:, 0] if vit.pool == "cls" else jnp.mean(patches, axis=1)

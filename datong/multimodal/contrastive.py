@@ -26,7 +26,6 @@ Every loss returns ``(loss, metrics)``.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import jax

@@ -5,7 +5,6 @@ Patch order is row-major over the patch grid; inside a patch the vector is
 a stride-``p`` convolution whose kernel is reshaped to ``[p*p*c, width]``.
 """
 
-import jax.numpy as jnp
 
 
 def _check(h: int, w: int, patch: tuple[int, int]):

@@ -9,7 +9,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def sincos_1d(length: int, width: int, *, max_period: float = 10_000.0,

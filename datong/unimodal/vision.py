@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from datong.backbone import Norm, Transformer, TransformerConfig

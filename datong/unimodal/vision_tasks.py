@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import flax.linen as nn
