@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from datong.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from datong.ops.attention import attention as attention_op
+from datong.ops.attention import attention_weights
 from datong.ops import masks as mask_ops
 from datong.ops import posemb
 
@@ -218,8 +219,18 @@ class Projection(nn.Module):
     return y
 
 
+# Mutable collection in which ``Attention`` sows its probabilities
+# ``[batch, heads, q_length, kv_length]`` (before dropout) when asked to.
+WEIGHTS_COLLECTION = "attention_weights"
+
+
 class Attention(nn.Module):
-  """Multi-head (grouped-query) attention with optional rotary, qk-norm, cache."""
+  """Multi-head (grouped-query) attention with optional rotary, qk-norm, cache.
+
+  With ``apply(..., mutable=[WEIGHTS_COLLECTION])`` it also sows its attention
+  probabilities (``attention_weights/weights``), computed by the reference
+  softmax from the same q, k and masks.
+  """
   config: TransformerConfig
   train: bool = False
 
@@ -255,6 +266,12 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v}
       k, v = k.astype(q.dtype), v.astype(q.dtype)
 
+    if self.is_mutable_collection(WEIGHTS_COLLECTION) and not self.is_initializing():
+      # Opt-in (apply(..., mutable=[WEIGHTS_COLLECTION])): the probabilities
+      # of the reference path for these q, k and masks, whatever kernel runs.
+      self.sow(WEIGHTS_COLLECTION, "weights", attention_weights(
+          q, k, causal=causal, mask=mask, bias=bias, q_segment_ids=q_segment_ids,
+          kv_segment_ids=kv_segment_ids))
     dropout_rate = cfg.attention_dropout if self.train else 0.0
     out = attention_op(
         q, k, v, causal=causal, mask=mask, bias=bias,
@@ -432,7 +449,7 @@ class Transformer(nn.Module):
       block = functools.partial(block_cls, cfg, train=train, causal=causal,
                                 return_layers=return_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={"params": 0},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, WEIGHTS_COLLECTION: 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(0, 0, nn.broadcast), length=cfg.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1,7 +1,8 @@
 """Pure functions with no parameters: attention, masks, positions, patches."""
 
 from datong.ops.attention import (AttentionUnsupportedError, IMPLEMENTATIONS,
-                                  attention, reference_attention, select_impl)
+                                  attention, attention_weights, reference_attention,
+                                  select_impl)
 from datong.ops.masks import (causal_mask, padding_mask, prefix_lm_mask,
                               segment_mask, segment_positions)
 from datong.ops.patches import grid_shape, patchify, unpatchify

@@ -94,11 +94,14 @@ def combine_masks(q, k, *, causal=False, mask=None, q_segment_ids=None,
   return out
 
 
-def reference_attention(q, k, v, *, causal=False, bias=None, mask=None,
-                        q_segment_ids=None, kv_segment_ids=None, scale=None,
-                        dropout_rate=0.0, dropout_rng=None):
-  """Plain einsum attention with a float32 softmax: the ground truth."""
-  _check_shapes(q, k, v)
+def attention_weights(q, k, *, causal=False, bias=None, mask=None,
+                      q_segment_ids=None, kv_segment_ids=None, scale=None):
+  """The reference's attention probabilities, ``[batch, heads, q_length, kv_length]``.
+
+  Float32; each row sums to 1 over the keys it may attend to (rows with no
+  such key are all zeros). Used by ``reference_attention`` and to look at
+  attention maps (``datong.notebook.attention_weights``).
+  """
   batch, q_len, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   groups = heads // kv_heads
@@ -120,13 +123,25 @@ def reference_attention(q, k, v, *, causal=False, bias=None, mask=None,
   weights = jnp.exp(logits - jax.lax.stop_gradient(row_max))
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   # Rows with nothing to attend to output zeros rather than NaN.
-  probs = weights / jnp.where(denom == 0, 1.0, denom)
+  return weights / jnp.where(denom == 0, 1.0, denom)
+
+
+def reference_attention(q, k, v, *, causal=False, bias=None, mask=None,
+                        q_segment_ids=None, kv_segment_ids=None, scale=None,
+                        dropout_rate=0.0, dropout_rng=None):
+  """Plain einsum attention with a float32 softmax: the ground truth."""
+  _check_shapes(q, k, v)
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  probs = attention_weights(q, k, causal=causal, bias=bias, mask=mask,
+                            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                            scale=scale)
   if dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 needs dropout_rng.")
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  probs = probs.reshape(batch, kv_heads, groups, q_len, k.shape[1]).astype(v.dtype)
+  probs = probs.reshape(batch, kv_heads, heads // kv_heads, q_len, k.shape[1]).astype(v.dtype)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
