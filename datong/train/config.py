@@ -81,14 +81,17 @@ class RunConfig:
 
 # ---------------------------------------------------------------- overrides
 
-def field_names(config, prefix: str = "") -> list[str]:
-  """Every dotted field name of a dataclass tree."""
+def field_names(config, prefix: str = "", *, nodes: bool = False) -> list[str]:
+  """Every dotted field name of a dataclass tree (``nodes``: also the
+  names of nested dataclasses, e.g. ``task.model``)."""
   names = []
   for f in dataclasses.fields(config):
     value = getattr(config, f.name)
     name = f"{prefix}{f.name}"
     if dataclasses.is_dataclass(value):
-      names.extend(field_names(value, name + "."))
+      if nodes:
+        names.append(name)
+      names.extend(field_names(value, name + ".", nodes=nodes))
     else:
       names.append(name)
   return names
@@ -127,17 +130,45 @@ def _optional_inner(annotation):
   return str
 
 
+def _check_keys(config, keys, nodes: bool = False):
+  valid = field_names(config, nodes=nodes)
+  for key in keys:
+    if key not in valid:
+      close = [v for v in valid if v.split(".")[-1] == key.split(".")[-1]]
+      hint = f" Did you mean {close}?" if close else ""
+      raise ValueError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+
+
+def replace_fields(config, values: dict[str, Any]):
+  """Return ``config`` with ``{"train.steps": 100, ...}`` set (Python values).
+
+  Like ``override`` without the parsing; each dataclass is rebuilt once with
+  all its changes, so its validation sees the final combination. Unknown
+  names raise a ValueError listing the valid ones. A name may also be a
+  nested dataclass (``"task.model.decoder"``), replaced whole.
+  """
+  _check_keys(config, values, nodes=True)
+
+  def apply(node, prefix):
+    changes = {}
+    for f in dataclasses.fields(node):
+      name = f"{prefix}{f.name}"
+      value = getattr(node, f.name)
+      if name in values:
+        changes[f.name] = values[name]
+      elif dataclasses.is_dataclass(value) and any(k.startswith(name + ".") for k in values):
+        changes[f.name] = apply(value, name + ".")
+    return dataclasses.replace(node, **changes) if changes else node
+
+  return apply(config, "")
+
+
 def override(config, assignments: dict[str, str]):
   """Return ``config`` with ``{"train.steps": "100", ...}`` applied.
 
   Unknown names raise a ValueError listing the valid ones.
   """
-  valid = field_names(config)
-  for key in assignments:
-    if key not in valid:
-      close = [v for v in valid if v.split(".")[-1] == key.split(".")[-1]]
-      hint = f" Did you mean {close}?" if close else ""
-      raise ValueError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+  _check_keys(config, assignments)
 
   def apply(node, prefix):
     changes = {}

@@ -337,11 +337,15 @@ class RunResult:
 
 def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
           devices=None, stop_at: Optional[int] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None) -> RunResult:
+          on_step: Optional[Callable[[int, dict], None]] = None,
+          evaluate: bool = True) -> RunResult:
   """Train (or resume) ``config`` in ``workdir``; returns the final metrics.
 
   ``stop_at`` stops after that many total steps (saving a checkpoint), as a
   preemption would; the run resumes from there when called again.
+  ``on_step(step, metrics)`` is called at every logged step.
+  ``evaluate=False`` skips the task's evaluation (periodic and final), e.g.
+  for a quick look from a notebook.
   """
   tc = config.train
   trainer = Trainer(config, workdir, devices=devices)
@@ -425,7 +429,7 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
             on_step(step, last_train)
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not is_last:
           save(step)
-        if tc.eval_every and step % tc.eval_every == 0 and not is_last:
+        if evaluate and tc.eval_every and step % tc.eval_every == 0 and not is_last:
           last_eval = trainer.evaluate(state.params, step)
           writer.write(step, last_eval)
           writer.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
@@ -440,8 +444,9 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
         writer.log(f"stopped at step {step}: checkpoint saved in {checkpointer.directory}; "
                    "run the same command again to resume.")
       else:
-        last_eval = trainer.evaluate(state.params, step)
-        writer.write(step, last_eval)
+        if evaluate:
+          last_eval = trainer.evaluate(state.params, step)
+          writer.write(step, last_eval)
         writer.log(f"done at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in
                                                           {**last_train, **last_eval}.items()
                                                           if k.startswith(("eval/", "train/loss"))))

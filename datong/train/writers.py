@@ -99,9 +99,8 @@ def plot_metrics(workdir: str) -> list[str]:
   rows = read_metrics(workdir)
   if not rows or jax.process_index() != 0:
     return []
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # The object API, not pyplot: no backend switch under a notebook's feet.
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   groups = {"loss": [k for k in _keys(rows) if k.endswith("loss")],
             "eval": [k for k in _keys(rows) if k.startswith("eval/") and not k.endswith("loss")],
             "learning_rate": ["train/learning_rate"]}
@@ -110,7 +109,8 @@ def plot_metrics(workdir: str) -> list[str]:
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
       continue
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for key in keys:
       pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
       if pts:
@@ -122,7 +122,6 @@ def plot_metrics(workdir: str) -> list[str]:
     path = os.path.join(workdir, f"plot_{name}.png")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     paths.append(path)
   return paths
 
