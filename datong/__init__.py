@@ -3,3 +3,23 @@
 __version__ = "0.1.0"
 
 from datong.backbone import PRESETS, Transformer, TransformerConfig, count_params, init_cache
+
+# The notebook API (datong.notebook), imported on first use so that
+# `import datong` stays light: datong.build(...), datong.fit(...), ...
+_NOTEBOOK = (
+    "KINDS", "apply", "attention_maps", "attention_weights", "build", "confusion_matrix",
+    "count", "describe", "example_inputs", "examples", "fit", "generate_text", "init",
+    "plot_confusion_matrix", "reconstruct", "show_attention", "show_images",
+    "with_attention", "zero_shot_predict",
+)
+
+
+def __getattr__(name):
+  if name in _NOTEBOOK:
+    from datong import notebook  # pylint: disable=import-outside-toplevel
+    return getattr(notebook, name)
+  raise AttributeError(f"module 'datong' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_NOTEBOOK))

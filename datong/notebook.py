@@ -1,0 +1,958 @@
+"""Datong from a notebook: build, look inside, swap kernels, train, show.
+
+The shared parts, composed in a few cells::
+
+    import datong
+    model = datong.build("vit", "tiny", image_size=8, patch_size=2, channels=1, num_classes=10)
+    params = datong.init(model)                  # on example inputs; logical axes kept
+    datong.describe(params)                      # path, shape, dtype, logical axes, sharding
+    logits, aux = datong.apply(model, params)    # example inputs, or pass your own
+    fast = datong.with_attention(model, "xla")   # same parameters, another kernel
+    run = datong.fit("mae-digits", steps=50, batch_size=64)   # the engine of `datong train`
+    run.plot()                                   # the loss curve from metrics.jsonl
+    datong.show_images([images, run_images])     # inline grids; attention_maps, confusion_matrix
+
+Everything here is a thin layer over the library: models are the modules of
+``datong.unimodal`` / ``datong.multimodal``, ``fit`` calls
+``datong.train.loop.train``, attention maps come from the backbone's own
+``Attention`` (the reference softmax of the same q and k), reconstructions
+from ``datong.unimodal.masked_image``. Unknown names raise a ``ValueError``
+that lists the valid ones.
+
+Overrides (``build``, ``fit``) name config fields: a dotted path
+(``**{"decoder.depth": 1}``, or ``decoder__depth=1``) or just the last name
+when that is unambiguous (``image_size=8``, ``learning_rate=1e-3``). A
+backbone field without a path (``depth``, ``attention_impl``, ...) sets it in
+every backbone of the model (both CLIP towers, MAE's encoder and decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import tempfile
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datong.backbone import PRESETS, WEIGHTS_COLLECTION, Transformer, TransformerConfig, count_params
+from datong.ops.attention import IMPLEMENTATIONS
+
+__all__ = [
+    "KINDS", "FitResult", "ParamTable", "apply", "attention_maps", "attention_weights",
+    "build", "confusion_matrix", "count", "describe", "example_inputs", "examples", "fit",
+    "generate_text", "init", "plot_confusion_matrix", "reconstruct", "show_attention",
+    "show_images", "with_attention", "zero_shot_predict",
+]
+
+KINDS = {
+    "gpt": "causal LM (datong.unimodal.text.GPT)",
+    "bert": "masked LM (datong.unimodal.text.BERT)",
+    "vit": "ViT classifier (datong.unimodal.vision.ViTClassifier)",
+    "vit_encoder": "ViT encoder, no head (datong.unimodal.vision.ViTEncoder)",
+    "mae": "masked autoencoder (datong.unimodal.masked_image.MAE)",
+    "simmim": "SimMIM (datong.unimodal.masked_image.SimMIM)",
+    "clip": "image-text two towers (datong.multimodal.clip.CLIP)",
+}
+
+
+def _choices(what: str, name, valid) -> ValueError:
+  return ValueError(f"Unknown {what} {name!r}; choose one of: {', '.join(map(str, valid))}.")
+
+
+# ------------------------------------------------------------- overrides --
+
+def _leaf_names(config) -> list[str]:
+  from datong.train.config import field_names  # pylint: disable=import-outside-toplevel
+  return field_names(config, nodes=True)
+
+
+def _node(config, dotted: str):
+  for part in dotted.split(".")[:-1] if dotted else ():
+    config = getattr(config, part)
+  return config
+
+
+def resolve_overrides(config, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """``{name: value}`` -> ``{dotted path: value}`` on the dataclass tree ``config``.
+
+  A name is a dotted path (``__`` works as a dot) or its end (``depth``,
+  ``decoder.depth``, ``probe.features``) when that matches one field; a
+  backbone field's name may match every backbone (``TransformerConfig``) in
+  the tree at once.
+  """
+  names = _leaf_names(config)
+  out = {}
+  for key, value in overrides.items():
+    path = key.replace("__", ".")
+    if path in names:
+      out[path] = value
+      continue
+    matches = [n for n in names if n.endswith("." + path)]
+    backbone = [m for m in matches if isinstance(_node(config, m), TransformerConfig)]
+    if not matches:
+      short = sorted({n.rsplit(".", 1)[-1] for n in names})
+      close = difflib.get_close_matches(path.rsplit(".", 1)[-1], short, n=3)
+      hint = f" Did you mean {', '.join(close)}?" if close else ""
+      raise ValueError(f"Unknown setting {key!r} for {type(config).__name__}.{hint} Valid "
+                       f"names: {', '.join(short)} (or a dotted path ending in one, e.g. "
+                       f"{max(names, key=lambda n: n.count('.'))!r}).")
+    if len(matches) > 1 and len(backbone) != len(matches):
+      raise ValueError(f"Setting {key!r} is ambiguous in {type(config).__name__}: "
+                       f"{', '.join(matches)}. Pass a longer dotted path, e.g. "
+                       f"**{{{matches[0]!r}: ...}}.")
+    out.update({m: value for m in matches})
+  return out
+
+
+def _override(config, overrides: Mapping[str, Any]):
+  from datong.train.config import replace_fields  # pylint: disable=import-outside-toplevel
+  return replace_fields(config, resolve_overrides(config, overrides)) if overrides else config
+
+
+# ----------------------------------------------------------------- build --
+
+def _module_classes():
+  from datong.multimodal.clip import CLIP, ClipConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import BERT, GPT, TextConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder  # pylint: disable=import-outside-toplevel
+  return {"gpt": (GPT, TextConfig), "bert": (BERT, TextConfig), "vit": (ViTClassifier, ViTConfig),
+          "vit_encoder": (ViTEncoder, ViTConfig), "mae": (mim.MAE, mim.MAEConfig),
+          "simmim": (mim.SimMIM, mim.SimMIMConfig), "clip": (CLIP, ClipConfig)}
+
+
+def _default_config(kind: str, bb: TransformerConfig):
+  from datong.multimodal.clip import ClipConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import TextConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.vision import ViTConfig  # pylint: disable=import-outside-toplevel
+  if kind == "gpt":
+    return TextConfig(backbone=bb)
+  if kind == "bert":
+    return TextConfig(backbone=bb, positions="learned")
+  if kind in ("vit", "vit_encoder"):
+    return ViTConfig(bb)
+  if kind == "mae":
+    return mim.MAEConfig(ViTConfig(bb), decoder=bb.replace(depth=max(1, bb.depth // 2)))
+  if kind == "simmim":
+    return mim.SimMIMConfig(ViTConfig(bb, mask_token=True))
+  return ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
+                                                         max_length=64))
+
+
+def _recipe_model(kind: str, name: str):
+  """``(model config, module kwargs)`` of recipe ``name``'s task."""
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  task = recipes.get(name).task
+  task = getattr(task, "task", task)  # a WarmStartConfig's inner task
+  config = getattr(task, "model", None)
+  _, config_cls = _module_classes()[kind]
+  if not isinstance(config, config_cls):
+    raise ValueError(f"recipe {name!r} trains a {type(config).__name__}, not a {kind} "
+                     f"({config_cls.__name__}); pick another kind or preset.")
+  kwargs = {}
+  if kind == "vit" and hasattr(task, "num_classes"):
+    kwargs["num_classes"] = task.num_classes
+  return config, kwargs
+
+
+def _simmim_config(config, overrides):
+  """SimMIM's 32-pixel mask cells fit no small image: unless set, the cells
+  are 2x2 patches (1 patch when the image is not divisible by 2 patches)."""
+  from datong.train.config import replace_fields  # pylint: disable=import-outside-toplevel
+  resolved = resolve_overrides(config, overrides)
+  if "mask_patch_size" in resolved:
+    return replace_fields(config, resolved)
+  encoder = resolved.pop("encoder", config.encoder)
+  encoder = replace_fields(encoder, {k[len("encoder."):]: resolved.pop(k) for k in list(resolved)
+                                     if k.startswith("encoder.")})
+  patch = encoder.patch_size[0]
+  fits = all(s % (2 * p) == 0 for s, p in zip(encoder.image_size, encoder.patch_size))
+  config = dataclasses.replace(config, encoder=encoder, mask_patch_size=2 * patch if fits else patch)
+  return replace_fields(config, resolved)
+
+
+def _module_fields(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls) if f.name not in ("config", "parent", "name")]
+
+
+def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
+  """A Datong model (a flax module) of ``kind`` from a preset and overrides.
+
+  Args:
+    kind: one of ``KINDS`` (gpt, bert, vit, vit_encoder, mae, simmim, clip).
+    preset: a backbone size from ``datong.PRESETS`` ("tiny", "vit-B",
+      "gpt2-small", ...) used for every backbone of the model, or a recipe
+      name ("mae-digits", "clip-digits", ...) whose model config is taken.
+    overrides: config fields (see the module docstring) and the module's own
+      fields (``num_classes`` of ``vit``; ``pad_id``/``eos_id`` of ``clip``).
+  Returns:
+    the module; ``model.config`` is its config dataclass.
+  """
+  classes = _module_classes()
+  if kind not in classes:
+    raise _choices("model kind", kind, list(KINDS))
+  cls, _ = classes[kind]
+  kwargs = {}
+  if preset in PRESETS:
+    config = _default_config(kind, TransformerConfig.preset(preset))
+    if kind == "vit":
+      kwargs["num_classes"] = 1000
+  else:
+    from datong.train import recipes  # pylint: disable=import-outside-toplevel
+    if preset not in recipes.names():
+      raise _choices("preset", preset, sorted(PRESETS) + recipes.names())
+    config, kwargs = _recipe_model(kind, preset)
+  module_fields = _module_fields(cls)
+  kwargs.update({k: v for k, v in overrides.items() if k in module_fields})
+  config_overrides = {k: v for k, v in overrides.items() if k not in module_fields}
+  try:
+    if kind == "simmim" and preset in PRESETS:
+      config = _simmim_config(config, config_overrides)
+    else:
+      config = _override(config, config_overrides)
+  except ValueError as e:
+    if module_fields and str(e).startswith("Unknown setting"):
+      raise ValueError(f"{e} Module fields of {cls.__name__}: {', '.join(module_fields)}.") from None
+    raise
+  return cls(config, **kwargs)
+
+
+# ----------------------------------------------------- init, apply, count --
+
+def _ids(rng: np.random.Generator, batch: int, length: int, vocab: int) -> jnp.ndarray:
+  return jnp.asarray(rng.integers(0, min(vocab, 256), (batch, length)), jnp.int32)
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple:
+  """Positional inputs a ``model`` from ``build`` accepts (random, fixed seed).
+
+  Text: ids ``[batch, 16]``; images: ``[batch, h, w, c]`` normal noise;
+  MAE adds ``keep_indices, restore_indices`` (75% masked), SimMIM a mask;
+  CLIP images and ids; ``Transformer``: ``[batch, 16, width]`` embeddings.
+  """
+  from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import BERT, GPT  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.vision import ViTClassifier, ViTEncoder  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  cfg = model.config
+
+  def images(vit):
+    h, w = vit.image_size
+    return jnp.asarray(rng.standard_normal((batch, h, w, vit.channels)), jnp.float32)
+
+  if isinstance(model, (GPT, BERT)):
+    return (_ids(rng, batch, min(16, cfg.max_length), cfg.vocab_size),)
+  if isinstance(model, (ViTClassifier, ViTEncoder)):
+    return (images(cfg),)
+  if isinstance(model, mim.MAE):
+    m = mim.random_masking(jax.random.PRNGKey(seed), batch, cfg.encoder.num_patches,
+                           cfg.mask_ratio)
+    return (images(cfg.encoder), m.keep_indices, m.restore_indices)
+  if isinstance(model, mim.SimMIM):
+    enc = cfg.encoder
+    return (images(enc), mim.block_masking(jax.random.PRNGKey(seed), batch, enc.image_size,
+                                           enc.patch_size, cfg.mask_patch_size, cfg.mask_ratio))
+  if isinstance(model, CLIP):
+    ids = np.array(_ids(rng, batch, cfg.text.max_length, cfg.text.vocab_size))
+    ids[:, -1] = model.eos_id
+    return (images(cfg.image), jnp.asarray(ids))
+  if isinstance(model, Transformer):
+    return (jnp.asarray(rng.standard_normal((batch, 16, cfg.width)), jnp.float32),)
+  raise TypeError(f"example_inputs: no example inputs for {type(model).__name__}; supported: "
+                  "GPT, BERT, ViTClassifier, ViTEncoder, MAE, SimMIM, CLIP, Transformer "
+                  "(or pass inputs yourself).")
+
+
+def _rng(rng) -> jax.Array:
+  return jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+
+
+def _params(params):
+  """The ``params`` collection, whether or not wrapped in ``{"params": ...}``."""
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    return params["params"]
+  return params
+
+
+def init(model: nn.Module, *inputs, rng=0, **kwargs):
+  """The ``params`` collection of ``model`` (on ``example_inputs`` by default).
+
+  Leaves stay ``nn.Partitioned`` boxes carrying logical axis names, so
+  ``describe`` and the sharding plan see them; ``model.apply`` takes them as
+  they are, ``flax.linen.unbox(params)`` gives plain arrays.
+  """
+  inputs = inputs or example_inputs(model)
+  # One jitted program: far quicker than op-by-op initialization on a CPU.
+  return jax.jit(lambda key, *xs: model.init(key, *xs, **kwargs)["params"])(_rng(rng), *inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_apply(model: nn.Module, static: tuple):
+  def run(params, inputs, arrays):
+    return model.apply({"params": params}, *inputs, **arrays, **dict(static))
+  return jax.jit(run)
+
+
+def _apply(model: nn.Module, params, inputs: Sequence, kwargs: Mapping[str, Any]):
+  """``model.apply`` jitted once per (model, non-array keyword arguments)."""
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+  try:
+    hash(static)
+  except TypeError:
+    raise TypeError("apply: keyword arguments must be arrays or hashable values (a tuple, "
+                    f"not a list); got {dict(static)}.") from None
+  return _compiled_apply(model, static)(_params(params), tuple(inputs), arrays)
+
+
+def apply(model: nn.Module, params, *inputs, **kwargs):
+  """``model.apply({"params": params}, *inputs, **kwargs)``, jitted and cached
+  per model (non-array ``kwargs`` such as ``train=``, ``method=`` are
+  static); inputs default to ``example_inputs(model)``."""
+  return _apply(model, params, inputs or example_inputs(model), kwargs)
+
+
+def count(params) -> int:
+  """Number of scalars in a parameter tree (boxed or plain)."""
+  return count_params(_params(params))
+
+
+def with_attention(model_or_config, impl: str):
+  """The same model / config with every backbone's ``attention_impl = impl``.
+
+  Works on a module (cloned), a ``TransformerConfig`` or any config tree
+  holding them (``TextConfig``, ``ClipConfig``, a ``RunConfig``...). Parameters
+  do not change: apply the new model to the old params.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise _choices("attention implementation", impl, IMPLEMENTATIONS)
+  found = []
+
+  def swap(cfg):
+    found.append(cfg)
+    return cfg.replace(attention_impl=impl)
+
+  out = map_backbones(model_or_config, swap)
+  if not found:
+    raise ValueError(f"with_attention: no TransformerConfig inside {type(model_or_config).__name__}.")
+  return out
+
+
+def map_backbones(obj, fn):
+  """``obj`` with ``fn`` applied to every ``TransformerConfig`` inside it
+  (modules are cloned, frozen dataclasses replaced)."""
+  if isinstance(obj, TransformerConfig):
+    return fn(obj)
+  if isinstance(obj, nn.Module):
+    changes = {}
+    for f in dataclasses.fields(obj):
+      if f.name in ("parent", "name"):
+        continue
+      value = getattr(obj, f.name)
+      new = map_backbones(value, fn)
+      if new is not value:
+        changes[f.name] = new
+    return obj.clone(**changes) if changes else obj
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    changes = {}
+    for f in dataclasses.fields(obj):
+      value = getattr(obj, f.name)
+      new = map_backbones(value, fn)
+      if new is not value:
+        changes[f.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+  if isinstance(obj, (tuple, list)):
+    new = [map_backbones(v, fn) for v in obj]
+    return obj if all(a is b for a, b in zip(new, obj)) else type(obj)(new)
+  return obj
+
+
+# -------------------------------------------------------------- describe --
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+  """One parameter: where it lives, its shape and type, how it is laid out."""
+  path: str
+  shape: tuple
+  dtype: str
+  axes: Optional[tuple]  # logical axis names (None entries: unnamed); None: unknown
+  sharding: str  # the mesh PartitionSpec, "" when no mesh
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _fmt_axes(axes) -> str:
+  if axes is None:
+    return "?"
+  return "(" + ", ".join("-" if a is None else str(a) for a in axes) + ")"
+
+
+class ParamTable:
+  """What ``describe`` returns: rows of ``ParamInfo``; prints as a table,
+  renders with treescope in a notebook when it is installed."""
+
+  def __init__(self, rows: Sequence[ParamInfo], mesh=None):
+    self.rows = list(rows)
+    self.mesh = mesh
+
+  @property
+  def total(self) -> int:
+    return sum(r.size for r in self.rows)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(r.size * np.dtype(r.dtype).itemsize for r in self.rows)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __iter__(self):
+    return iter(self.rows)
+
+  def __getitem__(self, path: str) -> ParamInfo:
+    for r in self.rows:
+      if r.path == path:
+        return r
+    raise KeyError(f"no parameter {path!r}; e.g. {[r.path for r in self.rows[:3]]}")
+
+  def summary(self) -> str:
+    mesh = f" on mesh {dict(self.mesh.shape)}" if self.mesh is not None else ""
+    return (f"{len(self.rows)} arrays, {self.total:,} parameters, "
+            f"{self.nbytes / 2**20:.2f} MiB{mesh}")
+
+  def __str__(self):
+    head = ("path", "shape", "dtype", "logical axes", "sharding")
+    body = [(r.path, str(r.shape), r.dtype, _fmt_axes(r.axes), r.sharding) for r in self.rows]
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + body]
+    return "\n".join(lines + [self.summary()])
+
+  __repr__ = __str__
+
+  def tree(self) -> dict:
+    """The rows as a nested dict (path components -> ``ParamInfo``)."""
+    out: dict = {}
+    for r in self.rows:
+      node = out
+      *parents, leaf = r.path.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = r
+    return out
+
+  def _repr_html_(self):
+    try:
+      import treescope  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      import html  # pylint: disable=import-outside-toplevel
+      cells = "".join(
+          "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in
+                           (r.path, str(r.shape), r.dtype, _fmt_axes(r.axes), r.sharding)) + "</tr>"
+          for r in self.rows)
+      return (f"<table><tr><th>path</th><th>shape</th><th>dtype</th><th>logical axes</th>"
+              f"<th>sharding</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>")
+    return (treescope.render_to_html(self.tree(), roundtrip_mode=False)
+            + f"<p>{self.summary()}</p>")
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _make_mesh(mesh):
+  from datong.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from datong.train.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+    return mesh
+  if isinstance(mesh, MeshConfig):
+    return sharding_lib.make_mesh(mesh)
+  if isinstance(mesh, Mapping):
+    bad = sorted(set(mesh) - set(sharding_lib.MESH_AXES))
+    if bad:
+      raise _choices("mesh axis", bad[0], sharding_lib.MESH_AXES)
+    return sharding_lib.make_mesh(MeshConfig(**{"data": -1, **mesh}))
+  raise TypeError(f"mesh: a jax Mesh, a MeshConfig or a dict like {{'fsdp': 2}}; "
+                  f"got {type(mesh).__name__}.")
+
+
+def describe(params, model: Optional[nn.Module] = None, mesh=None) -> ParamTable:
+  """A table of every parameter: path, shape, dtype, logical axes, sharding.
+
+  Args:
+    params: a ``params`` collection, boxed (from ``init``: logical names
+      known) or plain (from ``datong.hf.load``, a checkpoint).
+    model: for plain params, the module whose ``init`` names the axes.
+    mesh: a ``jax.sharding.Mesh``, a ``MeshConfig`` or ``{"fsdp": 2, ...}``
+      (``data`` fills the rest): show the ``PartitionSpec`` the training
+      engine would give each parameter (``datong.train.sharding.plan_params``).
+      Without one, arrays placed with a ``NamedSharding`` show theirs.
+  """
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  params = _params(params)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+  if not flat:
+    raise ValueError("describe: the parameter tree is empty.")
+  axes_by_path = {}
+  if not any(_is_box(v) for _, v in flat) and model is not None:
+    boxed = jax.eval_shape(lambda: init(model))
+    axes_by_path = {_path_str(p): tuple(v.names) for p, v in
+                    jax.tree_util.tree_flatten_with_path(boxed, is_leaf=_is_box)[0] if _is_box(v)}
+  mesh = _make_mesh(mesh)
+  specs = {}
+  if mesh is not None:
+    from datong.train import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+    boxed = params
+    if axes_by_path:  # plain params: give them the model's names
+      boxed = jax.tree_util.tree_map_with_path(
+          lambda p, v: nn.Partitioned(v, axes_by_path[_path_str(p)])
+          if _path_str(p) in axes_by_path else v, params)
+    plan = sharding_lib.plan_params(lambda: boxed, mesh=mesh)
+    specs = {_path_str(p): str(s.spec) for p, s in
+             jax.tree_util.tree_flatten_with_path(plan.shardings)[0]}
+  rows = []
+  for path, leaf in flat:
+    key = _path_str(path)
+    value = leaf.value if _is_box(leaf) else leaf
+    axes = tuple(leaf.names) if _is_box(leaf) else axes_by_path.get(key)
+    sharding = specs.get(key, "")
+    if not sharding and isinstance(getattr(value, "sharding", None), NamedSharding):
+      sharding = str(value.sharding.spec)
+    rows.append(ParamInfo(key, tuple(np.shape(value)), str(np.dtype(value.dtype)), axes, sharding))
+  return ParamTable(rows, mesh)
+
+
+# ------------------------------------------------------------------- fit --
+
+@dataclasses.dataclass
+class FitResult:
+  """A finished ``fit``: the run's config, workdir, engine result and logs."""
+  config: Any  # the RunConfig that was trained
+  workdir: str
+  result: Any  # datong.train.loop.RunResult
+  _params: Any = None
+  _task: Any = None
+
+  @property
+  def metrics(self) -> dict:
+    """The last train metrics and the final evaluation (``eval/...``)."""
+    return self.result.metrics
+
+  @property
+  def history(self) -> list[dict]:
+    """Every row of the run's ``metrics.jsonl`` (``step`` + metrics)."""
+    from datong.train.writers import read_metrics  # pylint: disable=import-outside-toplevel
+    return read_metrics(self.workdir)
+
+  def curve(self, key: str = "train/loss") -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of one logged metric."""
+    rows = [r for r in self.history if key in r]
+    if not rows:
+      keys = sorted({k for r in self.history for k in r if k != "step"})
+      raise _choices("metric", key, keys)
+    return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], np.float64)
+
+  @property
+  def losses(self) -> np.ndarray:
+    """The logged ``train/loss`` values, in step order."""
+    return self.curve("train/loss")[1]
+
+  @property
+  def params(self):
+    """The trained ``params`` (host arrays), read from the final checkpoint."""
+    if self._params is None:
+      from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
+      self._params = load_params(self.workdir)
+    return self._params
+
+  @property
+  def task(self):
+    """The run's ``Task`` (``task.model`` is the trained module)."""
+    if self._task is None:
+      self._task = self.config.task.build()
+    return self._task
+
+  @property
+  def model(self) -> nn.Module:
+    return self.task.model
+
+  def plot(self, keys: Sequence[str] = ("train/loss",), ax=None):
+    """A matplotlib figure of the logged metrics ``keys`` against the step."""
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+      fig, ax = plt.subplots(figsize=(5, 3))
+    for key in keys:
+      steps, values = self.curve(key)
+      ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _finish(fig or ax.figure)
+
+
+def fit(run, steps: Optional[int] = None, *, workdir: Optional[str] = None,
+        batch_size: Optional[int] = None, init: Optional[str] = None,
+        evaluate: bool = True, progress: bool = False, devices=None,
+        **overrides) -> FitResult:
+  """Train with the engine of ``datong train`` (``datong.train.loop.train``).
+
+  Args:
+    run: a recipe name (``datong.train.recipes.names()``), a ``RunConfig``,
+      or a task config (``GPTTaskConfig(...)``, ...; default train settings).
+    steps, batch_size: ``train.steps`` / ``train.batch_size``.
+    workdir: where checkpoints and ``metrics.jsonl`` go (default: a new
+      temporary directory). A workdir that holds a checkpoint resumes it.
+    init: pretrained weights to start from (a Hugging Face model directory,
+      a run's workdir, a ``.msgpack``): ``datong.train.warmstart``.
+    evaluate: run the task's evaluation at the end (``eval/...`` metrics);
+      False skips it (quicker).
+    progress: show the engine's progress bar.
+    devices: the devices of the mesh (default: all).
+    overrides: any config field, as for ``build`` (``learning_rate=3e-3``,
+      ``seq_length=64``, ``**{"train.log_every": 5}``). ``train.log_every``
+      defaults to every step up to 100 steps (a smooth curve to plot).
+  Returns:
+    a ``FitResult``: ``metrics``, ``history``, ``curve()``, ``plot()``,
+    ``params`` (the final checkpoint's), ``task`` / ``model``.
+  """
+  from datong.train import loop, recipes  # pylint: disable=import-outside-toplevel
+  from datong.train.config import RunConfig  # pylint: disable=import-outside-toplevel
+  if isinstance(run, str):
+    if run not in recipes.names() and ":" not in run:
+      raise _choices("recipe", run, recipes.names())
+    config = recipes.get(run)
+  elif isinstance(run, RunConfig):
+    config = run
+  elif hasattr(run, "build"):
+    config = RunConfig(task=run)
+  else:
+    raise TypeError(f"fit: a recipe name, a RunConfig or a task config; got {type(run).__name__}.")
+  settings = dict(overrides)
+  if steps is not None:
+    settings["train.steps"] = steps
+  if batch_size is not None:
+    settings["train.batch_size"] = batch_size
+  config = _override(config, settings)
+  if not any(k.replace("__", ".") in ("log_every", "train.log_every") for k in overrides):
+    config = _override(config, {"train.log_every": max(1, config.train.steps // 100)})
+  if init is not None:
+    from datong.train.warmstart import WarmStartConfig  # pylint: disable=import-outside-toplevel
+    config = dataclasses.replace(config, task=WarmStartConfig(config.task, init))
+  workdir = workdir or tempfile.mkdtemp(prefix="datong-fit-")
+  result = loop.train(config, workdir, progress=progress, evaluate=evaluate, devices=devices)
+  return FitResult(config=config, workdir=os.path.abspath(workdir), result=result)
+
+
+# ------------------------------------------------------------------ data --
+
+def _task(task):
+  if isinstance(task, FitResult):
+    return task.task
+  if isinstance(task, str):
+    from datong.train import recipes  # pylint: disable=import-outside-toplevel
+    task = recipes.get(task)
+  if hasattr(task, "task") and hasattr(task, "train"):  # a RunConfig
+    task = task.task
+  if hasattr(task, "build") and not hasattr(task, "loss"):
+    task = task.build()
+  return task
+
+
+def examples(task, split: str = "test", n: int = 16, *, train: bool = False) -> dict:
+  """The first ``n`` examples of ``split``, preprocessed as the engine does,
+  stacked into numpy arrays (``{"image": [n, h, w, c], "label": [n]}`` ...).
+
+  ``task``: a ``Task``, a task config, a ``RunConfig``, a recipe name or a
+  ``FitResult``.
+  """
+  task = _task(task)
+  source = task.source(split)
+  rng = np.random.default_rng(0)
+  rows = [task.preprocess(source[i], rng, train) for i in range(min(n, len(source)))]
+  return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+
+# ------------------------------------------------------------- looking at --
+
+def _pyplot():
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _finish(fig):
+  """Close the pyplot figure so a notebook shows it once: as the cell's value."""
+  _pyplot().close(fig)
+  return fig
+
+
+def show_images(images, *, titles: Optional[Sequence[str]] = None,
+                row_titles: Optional[Sequence[str]] = None,
+                value_range: Optional[tuple[float, float]] = (-1.0, 1.0),
+                size: float = 1.0, cmap: str = "gray"):
+  """A grid of images as a matplotlib figure (shown inline in a notebook).
+
+  ``images``: one batch ``[n, h, w(, c)]`` (one row) or a list of equally
+  long batches (one row each, e.g. ``[inputs, masked, reconstructions]``).
+  NaN pixels (masked) are drawn gray. ``value_range`` maps to black..white
+  (None: each image's own min..max). ``titles`` label the columns.
+  """
+  rows = [np.asarray(images)] if not isinstance(images, (list, tuple)) else \
+      [np.asarray(b) for b in images]
+  if any(b.ndim not in (3, 4) for b in rows):
+    raise ValueError(f"show_images: batches of [n, h, w] or [n, h, w, c]; got shapes "
+                     f"{[b.shape for b in rows]}.")
+  n = max(len(b) for b in rows)
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(rows), n, figsize=(size * n, size * len(rows) + 0.3),
+                           squeeze=False)
+  for i, batch in enumerate(rows):
+    for j in range(n):
+      ax = axes[i, j]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j >= len(batch):
+        ax.axis("off")
+        continue
+      img = batch[j].astype(np.float32)
+      if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+      lo, hi = value_range if value_range is not None else (np.nanmin(img), np.nanmax(img))
+      img = (img - lo) / max(hi - lo, 1e-12)
+      img = np.where(np.isnan(img), 0.5, np.clip(img, 0.0, 1.0))
+      ax.imshow(img, cmap=cmap if img.ndim == 2 else None, vmin=0.0, vmax=1.0,
+                interpolation="nearest")
+      if titles is not None and i == 0 and j < len(titles):
+        ax.set_title(str(titles[j]), fontsize=8)
+    if row_titles is not None and i < len(row_titles):
+      axes[i, 0].set_ylabel(str(row_titles[i]), fontsize=8)
+  fig.tight_layout()
+  return _finish(fig)
+
+
+def confusion_matrix(labels, predictions, num_classes: Optional[int] = None) -> np.ndarray:
+  """``[classes, classes]`` counts: row = true class, column = predicted."""
+  labels = np.asarray(labels, np.int64).reshape(-1)
+  predictions = np.asarray(predictions, np.int64).reshape(-1)
+  if labels.shape != predictions.shape:
+    raise ValueError(f"confusion_matrix: {labels.shape[0]} labels but "
+                     f"{predictions.shape[0]} predictions.")
+  if num_classes is None:
+    num_classes = int(max(labels.max(initial=-1), predictions.max(initial=-1))) + 1
+  out = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(out, (labels, predictions), 1)
+  return out
+
+
+def plot_confusion_matrix(matrix, class_names: Optional[Sequence[str]] = None,
+                          title: Optional[str] = None):
+  """A confusion matrix (from ``confusion_matrix``) as an annotated heat map."""
+  matrix = np.asarray(matrix)
+  k = matrix.shape[0]
+  names = [str(c) for c in (class_names if class_names is not None else range(k))]
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(0.45 * k + 1.5, 0.45 * k + 1.2))
+  ax.imshow(matrix, cmap="Blues")
+  ax.set_xticks(range(k), names, rotation=90, fontsize=8)
+  ax.set_yticks(range(k), names, fontsize=8)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  for i in range(k):
+    for j in range(k):
+      if matrix[i, j]:
+        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+  accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+  ax.set_title(title or f"accuracy {accuracy:.1%}", fontsize=9)
+  fig.tight_layout()
+  return _finish(fig)
+
+
+def zero_shot_predict(task, params, images) -> np.ndarray:
+  """Zero-shot class ids ``[n]`` of a CLIP task's prompts for ``images``
+  ``[n, h, w, c]`` (in the task's input range, e.g. from ``examples``)."""
+  from datong.multimodal import contrastive  # pylint: disable=import-outside-toplevel
+  task = _task(task)
+  if not hasattr(task, "zero_shot_classifier"):
+    raise TypeError(f"zero_shot_predict needs a CLIP task; got {type(task).__name__}.")
+  params = nn.unbox(_params(params))
+  classifier = task.zero_shot_classifier(params)
+  emb = _apply(task.model, params, (jnp.asarray(images),), {"method": "encode_image"})
+  return np.asarray(jnp.argmax(contrastive.zero_shot_logits(emb, classifier), axis=-1))
+
+
+def reconstruct(model: nn.Module, params, images, rng=0) -> dict:
+  """Mask ``images`` and reconstruct them with an ``MAE`` or ``SimMIM``.
+
+  Returns numpy arrays ``images``, ``masked`` (masked pixels NaN),
+  ``reconstruction`` (predictions on masked patches, the input elsewhere),
+  ``mask`` ``[n, patches]`` and the float ``loss`` (the model's training
+  loss on these images and this mask).
+  """
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  if not isinstance(model, (mim.MAE, mim.SimMIM)):
+    raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
+  images = jnp.asarray(images, jnp.float32)
+  mask, loss, recon = _reconstruction(model)(_params(params), images, _rng(rng))
+  patch = model.config.encoder.patch_size
+  pixels = np.asarray(mim.patch_mask_to_pixels(mask, images.shape[1:3], patch))[..., None]
+  return {"images": np.asarray(images), "masked": np.where(pixels, np.nan, np.asarray(images)),
+          "reconstruction": np.asarray(recon), "mask": np.asarray(mask), "loss": float(loss)}
+
+
+@functools.lru_cache(maxsize=16)
+def _reconstruction(model: nn.Module):
+  """Jitted ``(params, images, key) -> (mask, loss, reconstruction)``."""
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  enc = cfg.encoder
+  patch = enc.patch_size
+
+  @jax.jit
+  def run(params, images, key):
+    if isinstance(model, mim.MAE):
+      m = mim.random_masking(key, images.shape[0], enc.num_patches, cfg.mask_ratio)
+      pred, _ = model.apply({"params": params}, images, m.keep_indices, m.restore_indices)
+      loss, _ = mim.mae_loss(pred, images, m.mask, patch, norm_pix=cfg.norm_pix_loss)
+      return m.mask, loss, mim.mae_reconstruct(pred, images, m.mask, patch,
+                                               norm_pix=cfg.norm_pix_loss)
+    mask = mim.block_masking(key, images.shape[0], enc.image_size, patch,
+                             cfg.mask_patch_size, cfg.mask_ratio)
+    pred, _ = model.apply({"params": params}, images, mask)
+    loss, _ = mim.simmim_loss(pred, images, mask, patch)
+    return mask, loss, mim.mae_reconstruct(pred, images, mask, patch, norm_pix=False)
+
+  return run
+
+
+def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  tokenizer="byte", rng=0) -> list[str]:
+  """Continue ``prompts`` (a str or a list) with a ``GPT``; returns the new text.
+
+  Each prompt is ``<bos> + tokens`` as in training; decoding uses the KV
+  cache (``datong.unimodal.text.generate``) and stops at ``<eos>``.
+  """
+  from datong.unimodal.text import make_tokenizer, generate  # pylint: disable=import-outside-toplevel
+  tok = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+  single = isinstance(prompts, str)
+  texts = [prompts] if single else list(prompts)
+  rows = [[tok.bos_id] + list(tok.encode(t)) for t in texts]
+  length = max(len(r) for r in rows)
+  ids = np.full((len(rows), length), tok.pad_id, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  for i, r in enumerate(rows):  # left padding
+    ids[i, length - len(r):] = r
+    mask[i, length - len(r):] = True
+  out = generate(model, nn.unbox(_params(params)), jnp.asarray(ids), jnp.asarray(mask),
+                 _rng(rng), max_new_tokens=max_new_tokens, padding="left",
+                 temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id,
+                 pad_id=tok.pad_id)
+  tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+  decoded = [tok.decode(tokens[i, :lengths[i]]) for i in range(len(rows))]
+  return decoded[0] if single else decoded
+
+
+# -------------------------------------------------------------- attention --
+
+def attention_weights(model: nn.Module, params, *inputs, **kwargs) -> dict[str, np.ndarray]:
+  """Every attention layer's probabilities ``[batch, heads, q_length, kv_length]``.
+
+  Runs ``model`` once (on ``example_inputs`` unless given) with the
+  backbone's weights collection mutable: each ``Attention`` sows the
+  reference softmax of its own q and k (rotary, qk-norm and masks
+  included), whatever kernel computes its output. Keys are module paths
+  (``encoder/backbone/layer_0/attention``), in layer order; scanned layers
+  are split into ``layer_<i>`` entries.
+  """
+  inputs = inputs or example_inputs(model)
+  _, state = _apply(model, params, inputs, {**kwargs, "mutable": (WEIGHTS_COLLECTION,)})
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      state.get(WEIGHTS_COLLECTION, {}), is_leaf=lambda x: isinstance(x, tuple))[0]:
+    names = _path_str(path).split("/")[:-1]  # drop the "weights" leaf name
+    value = np.asarray(leaf[0])
+    if "layers" in names:  # scanned: [depth, batch, heads, q, kv]
+      i = names.index("layers")
+      for layer in range(value.shape[0]):
+        out["/".join(names[:i] + [f"layer_{layer}"] + names[i + 1:])] = value[layer]
+    else:
+      out["/".join(names)] = value
+  if not out:
+    raise ValueError(f"attention_weights: {type(model).__name__} ran no datong attention layer.")
+  return dict(sorted(out.items(), key=lambda kv: _natural(kv[0])))
+
+
+def _natural(path: str) -> list:
+  """Sort key: ``layer_10`` after ``layer_9``."""
+  return [(0, int(p[6:]), "") if p.startswith("layer_") and p[6:].isdigit() else (1, 0, p)
+          for p in path.split("/")]
+
+
+def _vit_encoder(model: nn.Module, params):
+  """``(ViTEncoder, its params)`` inside a ViT / MAE / SimMIM / CLIP model."""
+  from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
+  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.vision import ViTClassifier, ViTEncoder  # pylint: disable=import-outside-toplevel
+  params = _params(params)
+  if isinstance(model, ViTEncoder):
+    return model, params
+  if isinstance(model, ViTClassifier):
+    return ViTEncoder(model.config), params["encoder"]
+  if isinstance(model, (mim.MAE, mim.SimMIM)):
+    return ViTEncoder(model.config.encoder), params["encoder"]
+  if isinstance(model, CLIP) and not model.config.share_backbone:
+    return ViTEncoder(model.config.image), params["image"]["encoder"]
+  raise TypeError(f"attention_maps needs a ViT image encoder (ViTEncoder, ViTClassifier, MAE, "
+                  f"SimMIM, or CLIP without a shared backbone); got {type(model).__name__}.")
+
+
+def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndarray:
+  """Where a ViT layer looks: ``[batch, heads, grid_h, grid_w]``, each map sums to 1.
+
+  With a [CLS] token: the [CLS] query's attention over the patches
+  (renormalized without the [CLS] key); without one: the attention each
+  patch receives, averaged over the queries. ``layer`` indexes the
+  backbone's layers (-1: the last).
+  """
+  encoder, enc_params = _vit_encoder(model, params)
+  weights = list(attention_weights(encoder, enc_params, jnp.asarray(images, jnp.float32)).values())
+  depth = len(weights)
+  if not -depth <= layer < depth:
+    raise ValueError(f"attention_maps: layer={layer} but the encoder has {depth} layers "
+                     f"(valid: {-depth}..{depth - 1}).")
+  w = weights[layer]  # [batch, heads, q, kv]
+  cfg = encoder.config
+  if cfg.has_cls:
+    maps = w[:, :, 0, 1:]
+  else:
+    maps = w.mean(axis=2)
+  maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
+  gh, gw = cfg.grid if tuple(np.shape(images)[1:3]) == tuple(cfg.image_size) else \
+      (np.shape(images)[1] // cfg.patch_size[0], np.shape(images)[2] // cfg.patch_size[1])
+  return maps.reshape(maps.shape[0], maps.shape[1], gh, gw)
+
+
+def show_attention(images, maps, *, size: float = 1.0):
+  """Each image (a column) above its per-head attention maps (``attention_maps``);
+  every tile is scaled to its own min..max."""
+  images, maps = np.asarray(images), np.asarray(maps)
+  if maps.ndim != 4 or len(maps) != len(images):
+    raise ValueError(f"show_attention: maps [batch, heads, h, w] for {len(images)} images; "
+                     f"got {maps.shape}.")
+  rows = [images] + [maps[:, h] for h in range(maps.shape[1])]
+  return show_images(rows, value_range=None, size=size,
+                     row_titles=["image"] + [f"head {h}" for h in range(maps.shape[1])])
