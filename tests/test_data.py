@@ -165,6 +165,22 @@ def test_prepare_losing_the_race_keeps_the_winner(data_dir, tmp_path, monkeypatc
   assert len(data.load_source("pydoc_text", "train", tmp_path)) == 71
 
 
+def test_small_splits_are_decoded_once_and_read_only(data_dir, monkeypatch):
+  streamed = data.load_source("digits", "train", data_dir, in_memory=False)
+  cached = data.load_source("digits", "train", data_dir)  # auto: 165 KiB on disk
+  assert isinstance(cached, data.InMemorySource)
+  assert not isinstance(streamed, data.InMemorySource)
+  assert len(cached) == len(streamed)
+  for i in (0, 700, len(cached) - 1):
+    a, b = cached[i], streamed[i]
+    assert a.keys() == b.keys() and np.array_equal(a["image"], b["image"])
+    assert a["label"] == b["label"]
+  with pytest.raises(ValueError, match="read-only"):
+    cached[0]["image"][0, 0, 0] = 1  # an in-place transform fails loudly
+  monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 1024)
+  assert not isinstance(data.load_source("digits", "train", data_dir), data.InMemorySource)
+
+
 def test_unprepared_catalog_dataset_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"not prepared in {tmp_path}.*array_record"):
     data.load_source("mnist", "train", tmp_path)
