@@ -7,10 +7,10 @@ from datong.backbone import PRESETS, Transformer, TransformerConfig, count_param
 # The notebook API (datong.notebook), imported on first use so that
 # `import datong` stays light: datong.build(...), datong.fit(...), ...
 _NOTEBOOK = (
-    "KINDS", "apply", "attention_maps", "attention_weights", "build", "confusion_matrix",
-    "count", "describe", "example_inputs", "examples", "fit", "generate_text", "init",
-    "plot_confusion_matrix", "reconstruct", "show_attention", "show_images",
-    "with_attention", "zero_shot_predict",
+    "KINDS", "abstract_params", "apply", "attention_maps", "attention_weights", "build",
+    "confusion_matrix", "count", "describe", "example_inputs", "examples", "fit",
+    "generate_text", "init", "plot_confusion_matrix", "quick_compile", "reconstruct",
+    "run_config", "show_attention", "show_images", "with_attention", "zero_shot_predict",
 )
 
 

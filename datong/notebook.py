@@ -10,7 +10,8 @@ The shared parts, composed in a few cells::
     fast = datong.with_attention(model, "xla")   # same parameters, another kernel
     run = datong.fit("mae-digits", steps=50, batch_size=64)   # the engine of `datong train`
     run.plot()                                   # the loss curve from metrics.jsonl
-    datong.show_images([images, run_images])     # inline grids; attention_maps, confusion_matrix
+    out = datong.reconstruct(run.model, run.params, datong.examples(run)["image"])
+    datong.show_images([out["masked"], out["reconstruction"]])   # inline in a notebook
 
 Everything here is a thin layer over the library: models are the modules of
 ``datong.unimodal`` / ``datong.multimodal``, ``fit`` calls
@@ -44,10 +45,11 @@ from datong.backbone import PRESETS, WEIGHTS_COLLECTION, Transformer, Transforme
 from datong.ops.attention import IMPLEMENTATIONS
 
 __all__ = [
-    "KINDS", "FitResult", "ParamTable", "apply", "attention_maps", "attention_weights",
-    "build", "confusion_matrix", "count", "describe", "example_inputs", "examples", "fit",
-    "generate_text", "init", "plot_confusion_matrix", "reconstruct", "show_attention",
-    "show_images", "with_attention", "zero_shot_predict",
+    "KINDS", "FitResult", "ParamTable", "abstract_params", "apply", "attention_maps",
+    "attention_weights", "build", "confusion_matrix", "count", "describe", "example_inputs",
+    "examples", "fit", "generate_text", "init", "plot_confusion_matrix", "quick_compile",
+    "reconstruct", "run_config", "show_attention", "show_images", "with_attention",
+    "zero_shot_predict",
 ]
 
 KINDS = {
@@ -59,6 +61,27 @@ KINDS = {
     "simmim": "SimMIM (datong.unimodal.masked_image.SimMIM)",
     "clip": "image-text two towers (datong.multimodal.clip.CLIP)",
 }
+
+
+def quick_compile() -> bool:
+  """Compile small models quickly on a CPU: XLA's LLVM optimizations off.
+
+  For notebooks and short runs of small models, where compiling costs more
+  than running (a tiny model's init compiles ~4x faster). Sets ``XLA_FLAGS``,
+  so it must run before JAX's first computation; returns False, changing
+  nothing, when JAX is already running. Not for long runs: steps run slower.
+  """
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      return False
+  except (ImportError, AttributeError):  # another jax: set the flag and hope
+    pass
+  flag = "--xla_backend_optimization_level=0"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+  return True
 
 
 def _choices(what: str, name, valid) -> ValueError:
@@ -289,9 +312,11 @@ def init(model: nn.Module, *inputs, rng=0, **kwargs):
   ``describe`` and the sharding plan see them; ``model.apply`` takes them as
   they are, ``flax.linen.unbox(params)`` gives plain arrays.
   """
+  from datong.train.loop import INIT_COMPILER_OPTIONS  # pylint: disable=import-outside-toplevel
   inputs = inputs or example_inputs(model)
-  # One jitted program: far quicker than op-by-op initialization on a CPU.
-  return jax.jit(lambda key, *xs: model.init(key, *xs, **kwargs)["params"])(_rng(rng), *inputs)
+  # One program compiled for running once: far quicker than op by op on a CPU.
+  return jax.jit(lambda key, *xs: model.init(key, *xs, **kwargs)["params"],
+                 compiler_options=INIT_COMPILER_OPTIONS)(_rng(rng), *inputs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -311,6 +336,14 @@ def _apply(model: nn.Module, params, inputs: Sequence, kwargs: Mapping[str, Any]
     raise TypeError("apply: keyword arguments must be arrays or hashable values (a tuple, "
                     f"not a list); got {dict(static)}.") from None
   return _compiled_apply(model, static)(_params(params), tuple(inputs), arrays)
+
+
+def abstract_params(model: nn.Module, *inputs, **kwargs):
+  """``init``'s result as shapes and dtypes (``jax.ShapeDtypeStruct`` leaves,
+  logical-axis boxes kept), without computing anything."""
+  inputs = inputs or example_inputs(model)
+  return jax.eval_shape(lambda key, *xs: model.init(key, *xs, **kwargs)["params"],
+                        jax.random.PRNGKey(0), *inputs)
 
 
 def apply(model: nn.Module, params, *inputs, **kwargs):
@@ -508,7 +541,7 @@ def describe(params, model: Optional[nn.Module] = None, mesh=None) -> ParamTable
     raise ValueError("describe: the parameter tree is empty.")
   axes_by_path = {}
   if not any(_is_box(v) for _, v in flat) and model is not None:
-    boxed = jax.eval_shape(lambda: init(model))
+    boxed = abstract_params(model)
     axes_by_path = {_path_str(p): tuple(v.names) for p, v in
                     jax.tree_util.tree_flatten_with_path(boxed, is_leaf=_is_box)[0] if _is_box(v)}
   mesh = _make_mesh(mesh)
@@ -604,6 +637,25 @@ class FitResult:
     return _finish(fig or ax.figure)
 
 
+def run_config(run, **overrides):
+  """The ``RunConfig`` of ``run`` (a recipe name, a ``RunConfig`` or a task
+  config) with ``overrides`` applied as in ``fit`` (``model=...``,
+  ``steps=...``, ``learning_rate=...``); ``.task.build()`` gives its task."""
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  from datong.train.config import RunConfig  # pylint: disable=import-outside-toplevel
+  if isinstance(run, str):
+    if run not in recipes.names() and ":" not in run:
+      raise _choices("recipe", run, recipes.names())
+    config = recipes.get(run)
+  elif isinstance(run, RunConfig):
+    config = run
+  elif hasattr(run, "build"):
+    config = RunConfig(task=run)
+  else:
+    raise TypeError(f"a recipe name, a RunConfig or a task config; got {type(run).__name__}.")
+  return _override(config, overrides)
+
+
 def fit(run, steps: Optional[int] = None, *, workdir: Optional[str] = None,
         batch_size: Optional[int] = None, init: Optional[str] = None,
         evaluate: bool = True, progress: bool = False, devices=None,
@@ -629,24 +681,13 @@ def fit(run, steps: Optional[int] = None, *, workdir: Optional[str] = None,
     a ``FitResult``: ``metrics``, ``history``, ``curve()``, ``plot()``,
     ``params`` (the final checkpoint's), ``task`` / ``model``.
   """
-  from datong.train import loop, recipes  # pylint: disable=import-outside-toplevel
-  from datong.train.config import RunConfig  # pylint: disable=import-outside-toplevel
-  if isinstance(run, str):
-    if run not in recipes.names() and ":" not in run:
-      raise _choices("recipe", run, recipes.names())
-    config = recipes.get(run)
-  elif isinstance(run, RunConfig):
-    config = run
-  elif hasattr(run, "build"):
-    config = RunConfig(task=run)
-  else:
-    raise TypeError(f"fit: a recipe name, a RunConfig or a task config; got {type(run).__name__}.")
+  from datong.train import loop  # pylint: disable=import-outside-toplevel
   settings = dict(overrides)
   if steps is not None:
     settings["train.steps"] = steps
   if batch_size is not None:
     settings["train.batch_size"] = batch_size
-  config = _override(config, settings)
+  config = run_config(run, **settings)
   if not any(k.replace("__", ".") in ("log_every", "train.log_every") for k in overrides):
     config = _override(config, {"train.log_every": max(1, config.train.steps // 100)})
   if init is not None:
