@@ -25,6 +25,9 @@ setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",  # loss-curve plots
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist"]},
+    extras_require={
+        # nbclient + nbformat + ipykernel: tests/test_notebooks.py runs examples/*.ipynb.
+        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+    },
     entry_points={"console_scripts": ["datong=datong.cli:main"]},
 )
