@@ -39,6 +39,7 @@ def test_notebook_runs(name, tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices: a user has one
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  env["TMPDIR"] = str(tmp_path)  # fit()'s default workdirs land in the test's directory
   client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   start = time.perf_counter()
