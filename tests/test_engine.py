@@ -50,7 +50,8 @@ def test_same_losses_on_every_mesh_shape(tmp_path):
   for mesh in [(1, 1, 1), (2, 2, 2), (8, 1, 1)]:
     devices = jax.devices()[:int(np.prod(mesh))]
     workdir = str(tmp_path / "x".join(map(str, mesh)))
-    loop.train(_config(steps=6, mesh=mesh), workdir, progress=False, devices=devices)
+    loop.train(_config(steps=6, mesh=mesh), workdir, progress=False, devices=devices,
+               evaluate=False)
     runs[mesh] = _losses(workdir)
   base = runs[(1, 1, 1)]
   assert len(base) == 6 and base[-1] < base[0]
@@ -60,10 +61,10 @@ def test_same_losses_on_every_mesh_shape(tmp_path):
 
 def test_resume_is_bitwise_identical_and_keeps_data_order(tmp_path):
   full, half = str(tmp_path / "full"), str(tmp_path / "half")
-  loop.train(_config(steps=8), full, progress=False)
+  loop.train(_config(steps=8), full, progress=False, evaluate=False)
   first = loop.train(_config(steps=8), half, progress=False, stop_at=4)
   assert first.step == 4 and ckpt_lib.Checkpointer(half).latest_step() == 4
-  loop.train(_config(steps=8), half, progress=False)
+  loop.train(_config(steps=8), half, progress=False, evaluate=False)
   assert _losses(half) == _losses(full)  # same batches in the same order, same math
   for a, b in zip(jax.tree.leaves(_params(half)), jax.tree.leaves(_params(full))):
     np.testing.assert_array_equal(a, b)
@@ -71,9 +72,9 @@ def test_resume_is_bitwise_identical_and_keeps_data_order(tmp_path):
 
 def test_restore_onto_another_mesh_shape_continues(tmp_path):
   full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
-  loop.train(_config(steps=8), full, progress=False)
+  loop.train(_config(steps=8), full, progress=False, evaluate=False)
   loop.train(_config(steps=8, mesh=(2, 2, 2)), moved, progress=False, stop_at=4)
-  loop.train(_config(steps=8, mesh=(1, 4, 2)), moved, progress=False)
+  loop.train(_config(steps=8, mesh=(1, 4, 2)), moved, progress=False, evaluate=False)
   np.testing.assert_allclose(_losses(moved), _losses(full), rtol=2e-5)
 
 

@@ -49,7 +49,7 @@ def test_build_routes_overrides_and_lists_choices():
   assert (mae.config.encoder.backbone.depth, mae.config.decoder.depth) == (2, 1)
   simmim = dn.build("simmim", "tiny", image_size=8, patch_size=2, channels=1)
   assert simmim.config.mask_patch_size == 4  # 2x2 patches: 32 does not fit 8x8
-  assert dn.build("vit", "vit-digits").config.image_size == (8, 8)  # a recipe's model
+  assert dn.build("vit", "vit-digits").config.image_size == (32, 32)  # a recipe's model
   assert dn.build("vit", "tiny", num_classes=10).num_classes == 10
   with pytest.raises(ValueError, match="gpt, bert, vit"):
     dn.build("transformer")
