@@ -19,9 +19,10 @@ each test image by one upsampled pixel (``task.tta_shift=1``).
     datong train vit-digits --workdir /tmp/vit-digits
 
 Fine-tuning a pretrained encoder with layer-wise lr decay (the encoder
-must have the same shape, e.g. from ``mae-digits`` with pool=gap):
+must have the same shape: ``mae-digits``'s is 128 wide):
 
     datong train vit-digits --workdir /tmp/vit-ft \
+        --set task.model.backbone.width=128 --set task.model.backbone.mlp_dim=256 \
         --set task.pretrained=/tmp/mae-digits/encoder_params.msgpack \
         --set task.layer_decay=0.75
 """
