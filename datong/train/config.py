@@ -139,28 +139,33 @@ def _check_keys(config, keys, nodes: bool = False):
       raise ValueError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
 
 
-def replace_fields(config, values: dict[str, Any]):
-  """Return ``config`` with ``{"train.steps": 100, ...}`` set (Python values).
-
-  Like ``override`` without the parsing; each dataclass is rebuilt once with
-  all its changes, so its validation sees the final combination. Unknown
-  names raise a ValueError listing the valid ones. A name may also be a
-  nested dataclass (``"task.model.decoder"``), replaced whole.
-  """
-  _check_keys(config, values, nodes=True)
-
+def _rebuild(config, names, new_value):
+  """``config`` with each dotted field in ``names`` set to ``new_value(name,
+  node, field)``; each dataclass on the way is rebuilt once with all its
+  changes, so its validation sees the final combination."""
   def apply(node, prefix):
     changes = {}
     for f in dataclasses.fields(node):
       name = f"{prefix}{f.name}"
       value = getattr(node, f.name)
-      if name in values:
-        changes[f.name] = values[name]
-      elif dataclasses.is_dataclass(value) and any(k.startswith(name + ".") for k in values):
+      if name in names:
+        changes[f.name] = new_value(name, node, f)
+      elif dataclasses.is_dataclass(value) and any(k.startswith(name + ".") for k in names):
         changes[f.name] = apply(value, name + ".")
     return dataclasses.replace(node, **changes) if changes else node
 
   return apply(config, "")
+
+
+def replace_fields(config, values: dict[str, Any]):
+  """Return ``config`` with ``{"train.steps": 100, ...}`` set (Python values).
+
+  Like ``override`` without the parsing. Unknown names raise a ValueError
+  listing the valid ones. A name may also be a nested dataclass
+  (``"task.model.decoder"``), replaced whole.
+  """
+  _check_keys(config, values, nodes=True)
+  return _rebuild(config, values, lambda name, node, f: values[name])
 
 
 def override(config, assignments: dict[str, str]):
@@ -170,23 +175,14 @@ def override(config, assignments: dict[str, str]):
   """
   _check_keys(config, assignments)
 
-  def apply(node, prefix):
-    changes = {}
-    hints = typing.get_type_hints(type(node)) if not isinstance(node, type) else {}
-    for f in dataclasses.fields(node):
-      name = f"{prefix}{f.name}"
-      value = getattr(node, f.name)
-      if dataclasses.is_dataclass(value):
-        if any(k.startswith(name + ".") for k in assignments):
-          changes[f.name] = apply(value, name + ".")
-      elif name in assignments:
-        try:
-          changes[f.name] = _parse(assignments[name], value, hints.get(f.name, f.type))
-        except (ValueError, json.JSONDecodeError) as e:
-          raise ValueError(f"Cannot set {name}={assignments[name]!r}: {e}") from None
-    return dataclasses.replace(node, **changes) if changes else node
+  def parse(name, node, f):
+    hints = typing.get_type_hints(type(node))
+    try:
+      return _parse(assignments[name], getattr(node, f.name), hints.get(f.name, f.type))
+    except (ValueError, json.JSONDecodeError) as e:
+      raise ValueError(f"Cannot set {name}={assignments[name]!r}: {e}") from None
 
-  return apply(config, "")
+  return _rebuild(config, assignments, parse)
 
 
 # ------------------------------------------------------------ serialization
