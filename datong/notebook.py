@@ -384,24 +384,19 @@ def map_backbones(obj, fn):
   (modules are cloned, frozen dataclasses replaced)."""
   if isinstance(obj, TransformerConfig):
     return fn(obj)
-  if isinstance(obj, nn.Module):
+  is_module = isinstance(obj, nn.Module)
+  if is_module or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
     changes = {}
     for f in dataclasses.fields(obj):
-      if f.name in ("parent", "name"):
+      if is_module and f.name in ("parent", "name"):
         continue
       value = getattr(obj, f.name)
       new = map_backbones(value, fn)
       if new is not value:
         changes[f.name] = new
-    return obj.clone(**changes) if changes else obj
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    changes = {}
-    for f in dataclasses.fields(obj):
-      value = getattr(obj, f.name)
-      new = map_backbones(value, fn)
-      if new is not value:
-        changes[f.name] = new
-    return dataclasses.replace(obj, **changes) if changes else obj
+    if not changes:
+      return obj
+    return obj.clone(**changes) if is_module else dataclasses.replace(obj, **changes)
   if isinstance(obj, (tuple, list)):
     new = [map_backbones(v, fn) for v in obj]
     return obj if all(a is b for a, b in zip(new, obj)) else type(obj)(new)
@@ -847,36 +842,17 @@ def reconstruct(model: nn.Module, params, images, rng=0) -> dict:
   if not isinstance(model, (mim.MAE, mim.SimMIM)):
     raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
   images = jnp.asarray(images, jnp.float32)
-  mask, loss, recon = _reconstruction(model)(_params(params), images, _rng(rng))
-  patch = model.config.encoder.patch_size
-  pixels = np.asarray(mim.patch_mask_to_pixels(mask, images.shape[1:3], patch))[..., None]
-  return {"images": np.asarray(images), "masked": np.where(pixels, np.nan, np.asarray(images)),
-          "reconstruction": np.asarray(recon), "mask": np.asarray(mask), "loss": float(loss)}
+  out = _reconstruction(model)(_params(params), images, _rng(rng))
+  return {"images": np.asarray(images), "masked": np.asarray(out["masked"]),
+          "reconstruction": np.asarray(out["reconstruction"]), "mask": np.asarray(out["mask"]),
+          "loss": float(out["loss"])}
 
 
 @functools.lru_cache(maxsize=16)
 def _reconstruction(model: nn.Module):
-  """Jitted ``(params, images, key) -> (mask, loss, reconstruction)``."""
+  """``masked_image.reconstruct`` for ``model``, jitted once."""
   from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  cfg = model.config
-  enc = cfg.encoder
-  patch = enc.patch_size
-
-  @jax.jit
-  def run(params, images, key):
-    if isinstance(model, mim.MAE):
-      m = mim.random_masking(key, images.shape[0], enc.num_patches, cfg.mask_ratio)
-      pred, _ = model.apply({"params": params}, images, m.keep_indices, m.restore_indices)
-      loss, _ = mim.mae_loss(pred, images, m.mask, patch, norm_pix=cfg.norm_pix_loss)
-      return m.mask, loss, mim.mae_reconstruct(pred, images, m.mask, patch,
-                                               norm_pix=cfg.norm_pix_loss)
-    mask = mim.block_masking(key, images.shape[0], enc.image_size, patch,
-                             cfg.mask_patch_size, cfg.mask_ratio)
-    pred, _ = model.apply({"params": params}, images, mask)
-    loss, _ = mim.simmim_loss(pred, images, mask, patch)
-    return mask, loss, mim.mae_reconstruct(pred, images, mask, patch, norm_pix=False)
-
-  return run
+  return jax.jit(functools.partial(mim.reconstruct, model))
 
 
 def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64,

@@ -268,6 +268,36 @@ def simmim_loss(pred, images, mask, patch_size):
 
 # ------------------------------------------------------------------ picture
 
+def reconstruct(model, params, images, key) -> dict:
+  """Mask ``images`` at random and reconstruct them with an ``MAE`` or ``SimMIM``.
+
+  Jittable (``model`` static). Returns ``mask`` ``[b, patches]``, ``loss``
+  (the model's training loss on this mask), ``reconstruction`` (predictions
+  on masked patches, the input elsewhere) and ``masked`` (the input with
+  masked pixels NaN, for display).
+  """
+  cfg = model.config
+  enc = cfg.encoder
+  patch = enc.patch_size
+  if isinstance(model, MAE):
+    m = random_masking(key, images.shape[0], enc.num_patches, cfg.mask_ratio)
+    pred, _ = model.apply({"params": params}, images, m.keep_indices, m.restore_indices)
+    mask, norm_pix = m.mask, cfg.norm_pix_loss
+    loss, _ = mae_loss(pred, images, mask, patch, norm_pix=norm_pix)
+  elif isinstance(model, SimMIM):
+    mask = block_masking(key, images.shape[0], enc.image_size, patch, cfg.mask_patch_size,
+                         cfg.mask_ratio)
+    pred, _ = model.apply({"params": params}, images, mask)
+    norm_pix = False
+    loss, _ = simmim_loss(pred, images, mask, patch)
+  else:
+    raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
+  pixels = patch_mask_to_pixels(mask, images.shape[1:3], patch)[..., None]
+  return {"mask": mask, "loss": loss,
+          "reconstruction": mae_reconstruct(pred, images, mask, patch, norm_pix=norm_pix),
+          "masked": jnp.where(pixels, jnp.nan, images)}
+
+
 def save_reconstruction_grid(path: str, images, masked, reconstructions, *,
                              value_range=(-1.0, 1.0), scale: int = 4) -> str:
   """Write a PNG: one row per example, columns (input, masked, reconstruction).

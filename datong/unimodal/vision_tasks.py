@@ -530,9 +530,13 @@ class _MIMTask(_ImageTask):
 
   def features(self, params, images, which: Optional[str] = None):
     which = self.config.probe.features if which is None else which
+    return self.feature_sets(params, images, (which,))[which]
+
+  def feature_sets(self, params, images, which: tuple[str, ...]) -> dict:
+    """``{name: [b, d]}`` for every feature set in ``which``, from one encoder pass."""
     _, aux = ViTEncoder(self.encoder_config).apply(
-        {"params": _unbox(params)["encoder"]}, images, return_layers=which == "layers")
-    return select_features(aux, which, self.encoder_config.has_cls)
+        {"params": _unbox(params)["encoder"]}, images, return_layers="layers" in which)
+    return {w: select_features(aux, w, self.encoder_config.has_cls) for w in which}
 
   def mean_eval_loss(self, params, ctx):
     loss_fn = jax.jit(lambda p, b: self.loss(p, b, jax.random.PRNGKey(0), train=False)[0])
@@ -547,10 +551,11 @@ class _MIMTask(_ImageTask):
     probe = self.config.probe
 
     def feature_sets(p, images):
-      out = {"": self.features(p, images)}
-      if probe.features != "pooled":  # the standard pooled probe too, for comparison
-        out["pooled_"] = self.features(p, images, which="pooled")
-      return out
+      if probe.features == "pooled":
+        return {"": self.features(p, images)}
+      # The standard pooled probe too, for comparison (same encoder pass).
+      sets = self.feature_sets(p, images, (probe.features, "pooled"))
+      return {"": sets[probe.features], "pooled_": sets["pooled"]}
 
     metrics = probe_metrics(jax.jit(feature_sets), params, ctx, probe,
                             self.train_split, self.eval_split)
@@ -597,15 +602,10 @@ class MAETask(_MIMTask):
 
   def reconstruction_png(self, params, ctx: EvalContext, path: str) -> str:
     n = self.config.png_examples
-    images = np.asarray(next(iter(ctx.batches(self.eval_split)))["image"])[:n]
-    images = jnp.asarray(images)
-    pred, m, _ = jax.jit(lambda p, x: self.apply(p, x, jax.random.PRNGKey(1)))(params, images)
-    patch = self.encoder_config.patch_size
-    recon = mim.mae_reconstruct(pred, images, m.mask, patch,
-                                norm_pix=self.config.model.norm_pix_loss)
-    pix = mim.patch_mask_to_pixels(m.mask, images.shape[1:3], patch)[..., None]
-    masked = np.where(np.asarray(pix), np.nan, np.asarray(images))
-    return mim.save_reconstruction_grid(path, images, masked, recon)
+    images = jnp.asarray(np.asarray(next(iter(ctx.batches(self.eval_split)))["image"])[:n])
+    out = jax.jit(lambda p, x: mim.reconstruct(self.model, _unbox(p), x, jax.random.PRNGKey(1)))(
+        params, images)
+    return mim.save_reconstruction_grid(path, images, out["masked"], out["reconstruction"])
 
   def evaluate(self, params, ctx):
     metrics = super().evaluate(params, ctx)
