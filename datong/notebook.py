@@ -67,7 +67,7 @@ def quick_compile() -> bool:
   """Compile small models quickly on a CPU: XLA's LLVM optimizations off.
 
   For notebooks and short runs of small models, where compiling costs more
-  than running (a tiny model's init compiles ~4x faster). Sets ``XLA_FLAGS``,
+  than running (the vit-digits init compiled in 2.4 s instead of 4.5 s). Sets ``XLA_FLAGS``,
   so it must run before JAX's first computation; returns False, changing
   nothing, when JAX is already running. Not for long runs: steps run slower.
   """

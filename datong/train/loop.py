@@ -135,7 +135,8 @@ class Trainer:
         self.state_shardings)
     batch_shardings = {k: self.batch_sharding for k in self.batch_spec}
     # Initialization runs once: compile it without LLVM optimizations (on a
-    # CPU, a small model's init otherwise compiles ~4x slower: threefry).
+    # CPU the vit-digits / gpt-pydoc inits compiled in 2.4 / 1.9 s instead of
+    # 4.5 / 4.4 s).
     self.init_fn = jax.jit(self._init_state, out_shardings=self.state_shardings,
                            compiler_options=INIT_COMPILER_OPTIONS)
     self.step_fn = jax.jit(self._train_step,
