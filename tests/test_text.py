@@ -1,5 +1,6 @@
 """Text: tokenizers, packing, GPT, generation, BERT masking, fine-tuning, tasks."""
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -15,7 +16,8 @@ from datong.train.datasets import pydoc_split_titles
 from datong.unimodal import text
 from datong.unimodal.text import (BERT, GPT, ByteTokenizer, SequenceClassifier,
                                   TextConfig, TokenEmbedding)
-from datong.unimodal.tokenizers import HFTokenizer, SentencePieceTokenizer, special_ids
+from datong.unimodal.tokenizers import (BPETokenizer, HFTokenizer, SentencePieceTokenizer,
+                                        special_ids)
 
 TOK = ByteTokenizer()
 
@@ -51,6 +53,54 @@ def test_byte_tokenizer_round_trips_any_utf8_text():
     assert TOK.decode([TOK.bos_id] + ids + [TOK.eos_id, TOK.pad_id]) == s  # specials dropped
   assert TOK.vocab_size == 262 and len(set(special_ids(TOK))) == 6
   assert min(special_ids(TOK)) == 256
+
+
+def _bpe_corpus():
+  return [topics[t] for t in pydoc_split_titles()["train"][:20]]
+
+
+def test_bpe_learns_deterministic_merges_that_round_trip_any_bytes(tmp_path):
+  tok = BPETokenizer.learn(_bpe_corpus(), 600)
+  assert tok.vocab_size == 600 and tok.merges == BPETokenizer.learn(_bpe_corpus(), 600).merges
+  # Every merged id is the concatenation of its parts; specials stay specials.
+  for k, (a, b) in enumerate(tok.merges):
+    assert tok.token_bytes[262 + k] == tok.token_bytes[a] + tok.token_bytes[b]
+  assert special_ids(tok) == special_ids(ByteTokenizer())
+  held = "".join(topics[t] for t in pydoc_split_titles()["validation"])
+  ids = tok.encode(held)
+  assert tok.decode(ids) == held and len(ids) < len(held.encode()) / 2  # it compresses
+  assert max(ids) >= 262 and not set(ids) & set(special_ids(tok))
+  rng = np.random.default_rng(0)
+  for _ in range(100):  # arbitrary bytes (invalid UTF-8 included) survive exactly
+    data = rng.integers(0, 256, rng.integers(0, 60)).astype(np.uint8).tobytes() + b" the return"
+    assert b"".join(tok.token_bytes[i] for i in tok.encode_bytes(data)) == data
+  # Exact bytes per id: bits per byte divide by the true UTF-8 length.
+  assert text.token_byte_lengths(tok)[ids].sum() == len(held.encode())
+  tok.save(str(tmp_path / "bpe.json"))
+  assert BPETokenizer.load(str(tmp_path / "bpe.json")).encode(held) == ids
+  (tmp_path / "bad.json").write_text('{"format": "datong-bpe-v1", "merges": [[300, 1]]}')
+  with pytest.raises(ValueError, match="corrupt"):
+    BPETokenizer.load(str(tmp_path / "bad.json"))
+  (tmp_path / "junk.json").write_text("not json")
+  with pytest.raises(ValueError, match="BPETokenizer.save"):
+    BPETokenizer.load(str(tmp_path / "junk.json"))
+
+
+def test_bpe_spec_learns_from_the_train_split_and_checks_the_model_vocab():
+  tok = text.make_tokenizer("bpe:400", ("pydoc_text", "train", "text"))
+  assert isinstance(tok, BPETokenizer) and tok.vocab_size == 400
+  with pytest.raises(ValueError, match="no.*to learn from"):
+    text.make_tokenizer("bpe:400")
+  cfg = text.GPTTaskConfig(model=_cfg(vocab_size=300), tokenizer="bpe:400", seq_length=64,
+                           eval_stride=32)
+  with pytest.raises(ValueError, match="task.model.vocab_size=400"):
+    cfg.build()
+  # Sliding-window evaluation scores every held-out byte exactly once.
+  rows = dataclasses.replace(cfg, model=_cfg(vocab_size=400)).build().source("validation").arrays
+  held = "".join(topics[t] for t in pydoc_split_titles()["validation"]).encode("utf-8")
+  assert np.sum(rows["byte_counts"] * rows["loss_weights"]) == len(held)
+  with pytest.raises(ValueError, match="bpe:VOCAB_SIZE"):
+    text.make_tokenizer("wordpiece")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is None,

@@ -401,7 +401,8 @@ class ClipTask(Task):
     self.dataset = config.image.dataset
     self.train_split = config.train_split
     self.eval_split = config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer)
+    self.tokenizer = make_tokenizer(config.tokenizer,
+                                    (self.dataset, self.train_split, config.caption_key))
     mc = config.model
     if mc.text.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"ClipConfig.text.vocab_size={mc.text.vocab_size} is smaller than the "

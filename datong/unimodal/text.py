@@ -42,7 +42,7 @@ import numpy as np
 
 from datong.backbone import Norm, Transformer, TransformerConfig, init_cache
 from datong.ops import masks as mask_ops
-from datong.unimodal.tokenizers import (ByteTokenizer, HFTokenizer,
+from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, Tokenizer,
                                         special_ids)
 
@@ -597,15 +597,37 @@ def pack_documents(docs: Sequence[Any], length: int, *, pad_values: Any = 0) -> 
   return out
 
 
-def make_tokenizer(spec: str) -> Tokenizer:
-  """``"byte"``, ``"spm:PATH"`` (sentencepiece) or ``"hf:PATH"`` (tokenizer.json)."""
+TOKENIZER_SPECS = "'byte', 'bpe:VOCAB_SIZE', 'bpe:PATH.json', 'spm:PATH' or 'hf:PATH'"
+
+
+def make_tokenizer(spec: str, corpus: Optional[tuple[str, str, str]] = None) -> Tokenizer:
+  """A tokenizer from its spec string.
+
+  ``"byte"``; ``"bpe:1024"`` (a byte-level BPE of that vocabulary size,
+  learned from ``corpus = (dataset, split, feature)``: deterministic, about
+  a second for 0.5 MB); ``"bpe:PATH"`` (a ``BPETokenizer.save`` file);
+  ``"spm:PATH"`` (sentencepiece); ``"hf:PATH"`` (a ``tokenizer.json``).
+  """
   if spec == "byte":
     return ByteTokenizer()
+  if spec.startswith("bpe:"):
+    arg = spec[4:]
+    if not arg.isdigit():
+      return BPETokenizer.load(arg)
+    if corpus is None:
+      raise ValueError(f"tokenizer={spec!r} learns its merges from a training split; here "
+                       f"there is none to learn from. Pass a saved file: 'bpe:PATH.json'.")
+    return _learned_bpe(*corpus, int(arg))
   if spec.startswith("spm:"):
     return SentencePieceTokenizer(spec[4:])
   if spec.startswith("hf:"):
     return HFTokenizer(spec[3:])
-  raise ValueError(f"tokenizer={spec!r}: use 'byte', 'spm:PATH' or 'hf:PATH'.")
+  raise ValueError(f"tokenizer={spec!r}: use {TOKENIZER_SPECS}.")
+
+
+@functools.lru_cache(maxsize=8)
+def _learned_bpe(dataset: str, split: str, feature: str, vocab_size: int) -> BPETokenizer:
+  return BPETokenizer.learn(load_documents(dataset, split, feature), vocab_size)
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -618,6 +640,8 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
   if isinstance(tokenizer, ByteTokenizer):
     table[:256] = 1
     return table
+  if isinstance(tokenizer, BPETokenizer):
+    return np.array([len(b) for b in tokenizer.token_bytes], np.int32)
   specials = set(special_ids(tokenizer))
   for i in range(tokenizer.vocab_size):
     if i not in specials:
@@ -661,6 +685,8 @@ def load_documents(dataset: str, split: str, feature: str = "text") -> list[byte
 def _encode(tokenizer: Tokenizer, doc: bytes) -> np.ndarray:
   if isinstance(tokenizer, ByteTokenizer):
     return np.frombuffer(doc, np.uint8).astype(np.int32)
+  if isinstance(tokenizer, BPETokenizer):
+    return np.asarray(tokenizer.encode_bytes(doc), np.int32)
   return np.asarray(tokenizer.encode(doc.decode("utf-8", errors="replace")), np.int32)
 
 
@@ -697,7 +723,7 @@ class GPTTaskConfig:
   eval_stride: int = 128
   eval_batch_size: int = 0  # 0: the train batch size
   z_loss: float = 1e-4
-  tokenizer: str = "byte"  # byte | spm:PATH | hf:PATH
+  tokenizer: str = "byte"  # byte | bpe:VOCAB_SIZE | bpe:PATH | spm:PATH | hf:PATH
   dataset: str = "pydoc_text"
   train_split: str = "train"
   eval_split: str = "validation"
@@ -727,10 +753,12 @@ class GPTTask(Task):
     self.config = config
     self.dataset = config.dataset
     self.train_split, self.eval_split = config.train_split, config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer)
+    self.tokenizer = make_tokenizer(config.tokenizer,
+                                    (self.dataset, self.train_split, config.text_feature))
     if self.tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} > model.vocab_size "
-                       f"{config.model.vocab_size}")
+      raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} ids > "
+                       f"model.vocab_size {config.model.vocab_size}: set "
+                       f"task.model.vocab_size={self.tokenizer.vocab_size}.")
     self.model = GPT(config.model)
     self._sources = {}
 
@@ -879,7 +907,12 @@ class BERTTask(Task):
     self.config = config
     self.dataset = config.dataset
     self.train_split, self.eval_split = config.train_split, config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer)
+    self.tokenizer = make_tokenizer(config.tokenizer,
+                                    (self.dataset, self.train_split, config.text_feature))
+    if self.tokenizer.vocab_size > config.model.vocab_size:
+      raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} ids > "
+                       f"model.vocab_size {config.model.vocab_size}: set "
+                       f"task.model.vocab_size={self.tokenizer.vocab_size}.")
     self.specials = special_ids(self.tokenizer)
     self.model = BERT(config.model)
     self._sources = {}

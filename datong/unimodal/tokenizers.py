@@ -8,6 +8,10 @@ and a ``vocab_size``; swap the tokenizer without touching a model.
 * ``ByteTokenizer``: the default. UTF-8 bytes are ids 0..255, the six
   specials follow (256..261), so ``vocab_size == 262``. Needs no file and
   round-trips any text.
+* ``BPETokenizer``: byte-level BPE learned by ``BPETokenizer.learn(texts,
+  vocab_size)`` (no dependency), saved and loaded as JSON. Ids 0..261 are
+  ``ByteTokenizer``'s; merges follow, so any text still round-trips and every
+  id has an exact byte length (bits per byte stay exact).
 * ``SentencePieceTokenizer(model_file)``: a ``.model`` file (needs the
   ``sentencepiece`` package).
 * ``HFTokenizer(tokenizer_json)``: a Hugging Face ``tokenizer.json`` file
@@ -19,8 +23,12 @@ names the package to install.
 
 from __future__ import annotations
 
+import collections
+import heapq
 import importlib
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+import json
+import re
+from typing import Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 SPECIALS = ("pad", "bos", "eos", "mask", "cls", "sep")
 
@@ -70,6 +78,139 @@ class ByteTokenizer:
 
   def __repr__(self):
     return "ByteTokenizer()"
+
+
+# Pre-tokenization: merges never cross these pieces (a word with its leading
+# space, a number, a run of punctuation or of whitespace), as in GPT-2.
+_PIECES = re.compile(rb" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+class BPETokenizer:
+  """Byte-level byte-pair encoding; ids 0..261 as ``ByteTokenizer``, merges after.
+
+  ``merges[k] = (a, b)`` makes id ``262 + k`` from the adjacent ids ``a, b``;
+  encoding applies merges in the order they were learned, within each
+  pre-token piece. ``learn`` is deterministic (ties go to the smaller pair).
+  """
+  pad_id, bos_id, eos_id, mask_id, cls_id, sep_id = range(256, 262)
+  FORMAT = "datong-bpe-v1"
+
+  def __init__(self, merges: Sequence[tuple[int, int]]):
+    base = ByteTokenizer.vocab_size
+    self.merges = [(int(a), int(b)) for a, b in merges]
+    self.vocab_size = base + len(self.merges)
+    self.token_bytes = [bytes([i]) for i in range(256)] + [b""] * (base - 256)
+    for k, (a, b) in enumerate(self.merges):
+      if not (0 <= a < base + k and 0 <= b < base + k) or 256 <= a < base or 256 <= b < base:
+        raise ValueError(f"BPETokenizer: merge {k} = ({a}, {b}) refers to an id that is a "
+                         f"special or not yet defined; the merges list is corrupt.")
+      self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
+    self._rank = {pair: k for k, pair in enumerate(self.merges)}
+    self._cache: dict[bytes, list[int]] = {}
+
+  @classmethod
+  def learn(cls, texts: Iterable[Union[str, bytes]], vocab_size: int) -> "BPETokenizer":
+    """Learn ``vocab_size - 262`` merges from ``texts`` (fewer if pairs run out)."""
+    num_merges = vocab_size - ByteTokenizer.vocab_size
+    if num_merges < 0:
+      raise ValueError(f"BPETokenizer.learn: vocab_size={vocab_size} < "
+                       f"{ByteTokenizer.vocab_size} (bytes + specials).")
+    counts = collections.Counter()
+    for text in texts:
+      counts.update(_PIECES.findall(text.encode("utf-8") if isinstance(text, str) else text))
+    words = [list(w) for w in counts]
+    freqs = list(counts.values())
+    pair_count = collections.Counter()
+    where = collections.defaultdict(set)  # pair -> indices of words holding it
+    for i, w in enumerate(words):
+      for pair in zip(w, w[1:]):
+        pair_count[pair] += freqs[i]
+        where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < num_merges and heap:
+      neg, pair = heapq.heappop(heap)
+      if pair_count.get(pair, 0) != -neg:
+        continue  # stale entry: the count changed after it was pushed
+      if -neg < 2:
+        break  # a pair seen once compresses nothing
+      new_id = ByteTokenizer.vocab_size + len(merges)
+      merges.append(pair)
+      changed = set()
+      for i in where.pop(pair):
+        w, f = words[i], freqs[i]
+        for p in zip(w, w[1:]):
+          pair_count[p] -= f
+          changed.add(p)
+        w = _merge_pair(w, pair, new_id)
+        words[i] = w
+        for p in zip(w, w[1:]):
+          pair_count[p] += f
+          where[p].add(i)
+          changed.add(p)
+      del pair_count[pair]
+      for p in changed:
+        if p != pair and pair_count[p] > 0:
+          heapq.heappush(heap, (-pair_count[p], p))
+    return cls(merges)
+
+  def _encode_piece(self, piece: bytes) -> list[int]:
+    ids = self._cache.get(piece)
+    if ids is None:
+      ids = list(piece)
+      while len(ids) > 1:
+        ranks = [self._rank.get(p, len(self.merges)) for p in zip(ids, ids[1:])]
+        best = min(ranks)
+        if best == len(self.merges):
+          break
+        ids = _merge_pair(ids, self.merges[best], ByteTokenizer.vocab_size + best)
+      self._cache[piece] = ids
+    return ids
+
+  def encode_bytes(self, data: bytes) -> list[int]:
+    return [i for piece in _PIECES.findall(data) for i in self._encode_piece(piece)]
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_bytes(text.encode("utf-8"))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    n = self.vocab_size
+    return b"".join(self.token_bytes[int(i)] for i in ids if 0 <= int(i) < n).decode(
+        "utf-8", errors="replace")
+
+  def save(self, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"format": self.FORMAT, "merges": self.merges}, f)
+
+  @classmethod
+  def load(cls, path: str) -> "BPETokenizer":
+    try:
+      with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"BPETokenizer.load({path!r}): not a readable JSON file ({e}); "
+                       f"write one with BPETokenizer.save.") from e
+    if not isinstance(state, dict) or state.get("format") != cls.FORMAT:
+      raise ValueError(f"BPETokenizer.load({path!r}): not a {cls.FORMAT} file; "
+                       f"write one with BPETokenizer.save.")
+    return cls([tuple(m) for m in state["merges"]])
+
+  def __repr__(self):
+    return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+  """Replace every non-overlapping occurrence of ``pair`` in ``ids``, left to right."""
+  out, i, n = [], 0, len(ids)
+  while i < n:
+    if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+      out.append(new_id)
+      i += 2
+    else:
+      out.append(ids[i])
+      i += 1
+  return out
 
 
 def _require(package: str, pip_name: str, what: str):
