@@ -10,7 +10,8 @@ _NOTEBOOK = (
     "KINDS", "abstract_params", "apply", "attention_maps", "attention_weights", "build",
     "confusion_matrix", "count", "describe", "example_inputs", "examples", "fit",
     "generate_text", "init", "plot_confusion_matrix", "quick_compile", "reconstruct",
-    "run_config", "show_attention", "show_images", "with_attention", "zero_shot_predict",
+    "run_config", "show_attention", "show_images", "tokenizer_of", "with_attention",
+    "zero_shot_predict",
 )
 
 

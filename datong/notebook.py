@@ -48,8 +48,8 @@ __all__ = [
     "KINDS", "FitResult", "ParamTable", "abstract_params", "apply", "attention_maps",
     "attention_weights", "build", "confusion_matrix", "count", "describe", "example_inputs",
     "examples", "fit", "generate_text", "init", "plot_confusion_matrix", "quick_compile",
-    "reconstruct", "run_config", "show_attention", "show_images", "with_attention",
-    "zero_shot_predict",
+    "reconstruct", "run_config", "show_attention", "show_images", "tokenizer_of",
+    "with_attention", "zero_shot_predict",
 ]
 
 KINDS = {
@@ -855,16 +855,41 @@ def _reconstruction(model: nn.Module):
   return jax.jit(functools.partial(mim.reconstruct, model))
 
 
+def tokenizer_of(source="byte"):
+  """A tokenizer: ``source`` is one already, a spec (``"byte"``,
+  ``"bpe:PATH"``, ...), or a recipe name / ``RunConfig`` / task /
+  ``FitResult`` whose task's tokenizer it returns (a ``bpe:VOCAB`` task
+  learns its merges from its train split)."""
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import make_tokenizer  # pylint: disable=import-outside-toplevel
+  if hasattr(source, "encode") and hasattr(source, "decode"):
+    return source
+  if isinstance(source, str) and source not in recipes.names():
+    return make_tokenizer(source)
+  task = _task(source)
+  if not hasattr(task, "tokenizer"):
+    raise TypeError(f"{type(task).__name__} has no tokenizer; pass a text task or a spec.")
+  return task.tokenizer
+
+
 def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   tokenizer="byte", rng=0) -> list[str]:
   """Continue ``prompts`` (a str or a list) with a ``GPT``; returns the new text.
 
-  Each prompt is ``<bos> + tokens`` as in training; decoding uses the KV
-  cache (``datong.unimodal.text.generate``) and stops at ``<eos>``.
+  ``tokenizer``: anything ``tokenizer_of`` takes; pass the run
+  (``tokenizer=run``) or its recipe name for a model trained with a
+  learned vocabulary. Each prompt is ``<bos> + tokens`` as in training;
+  decoding uses the KV cache (``datong.unimodal.text.generate``) and stops
+  at ``<eos>``; ``max_new_tokens`` counts tokens, not bytes.
   """
-  from datong.unimodal.text import make_tokenizer, generate  # pylint: disable=import-outside-toplevel
-  tok = make_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+  from datong.unimodal.text import generate  # pylint: disable=import-outside-toplevel
+  tok = tokenizer_of(tokenizer)
+  vocab = model.config.vocab_size
+  if tok.vocab_size > vocab or (tok.vocab_size == 262 and vocab != 262):
+    raise ValueError(f"generate_text: the tokenizer has {tok.vocab_size} ids but this model's "
+                     f"vocabulary is {vocab}; pass the tokenizer it was trained with "
+                     f"(tokenizer=run, or the recipe name).")
   single = isinstance(prompts, str)
   texts = [prompts] if single else list(prompts)
   rows = [[tok.bos_id] + list(tok.encode(t)) for t in texts]

@@ -226,3 +226,18 @@ def test_fit_runs_the_engine_and_the_loss_decreases(tmp_path):
     dn.fit("gpt-pydocs")
   with pytest.raises(ValueError, match="Valid names"):
     dn.fit("gpt-pydoc", steps=1, learning_rat=1.0)
+
+
+def test_generate_text_uses_the_runs_tokenizer_and_rejects_a_mismatch():
+  from datong.unimodal.tokenizers import BPETokenizer, ByteTokenizer
+  tok = dn.tokenizer_of("gpt-pydoc")  # the recipe learns a BPE from its train split
+  assert isinstance(tok, BPETokenizer) and tok is dn.tokenizer_of(dn.run_config("gpt-pydoc"))
+  assert isinstance(dn.tokenizer_of("byte"), ByteTokenizer) and dn.tokenizer_of(tok) is tok
+  model = dn.build("gpt", "gpt-pydoc", width=32, depth=1, heads=2, mlp_dim=64)
+  params = dn.init(model, rng=_key())
+  out = dn.generate_text(model, params, ["The json", "x"], max_new_tokens=5, tokenizer="gpt-pydoc")
+  assert len(out) == 2 and all(len(tok.encode(o)) <= 5 * 8 for o in out)
+  with pytest.raises(ValueError, match="tokenizer=run, or the recipe name"):
+    dn.generate_text(model, params, "The json", max_new_tokens=5)  # the byte default
+  with pytest.raises(TypeError, match="no tokenizer"):
+    dn.tokenizer_of("vit-digits")
