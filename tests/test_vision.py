@@ -216,6 +216,41 @@ def test_probe_and_knn_on_separable_features():
   assert vt.knn_accuracy(x[:60], y[:60], x[60:], y[60:], k=3) == 1.0
 
 
+def test_probe_train_views_add_augmented_copies_of_the_train_split():
+  rng = np.random.default_rng(0)
+  images = {"train": rng.normal(size=(40, 4, 4, 1)).astype(np.float32),
+            "test": rng.normal(size=(12, 4, 4, 1)).astype(np.float32)}
+  labels = {k: (v.mean((1, 2, 3)) > 0).astype(np.int32) for k, v in images.items()}
+
+  class Ctx:
+    def batches(self, split, batch_size):
+      for i in range(0, len(images[split]), 16):
+        yield {"image": images[split][i:i + 16], "label": labels[split][i:i + 16]}
+
+  seen = []
+
+  def features(params, x):
+    seen.append(np.asarray(x))
+    return {"": np.asarray(x).reshape(len(x), -1)}
+
+  def augment(x, key):  # a shift by a per-batch random constant
+    return x + jax.random.uniform(key, ())
+
+  probe = vt.ProbeConfig(train_views=3, c=1.0)
+  m = vt.probe_metrics(features, None, Ctx(), probe, "train", "test", augment)
+  assert 0.0 <= m["eval/linear_probe_accuracy"] <= 1.0
+  train_seen = np.concatenate(seen[:9])  # 3 views x 3 batches of train, then test
+  assert len(train_seen) == 120 and len(np.concatenate(seen[9:])) == 12
+  np.testing.assert_array_equal(train_seen[:40], images["train"])  # view 0: as is
+  shift1, shift2 = (train_seen[40 * v:40 * (v + 1)] - images["train"] for v in (1, 2))
+  assert np.all(shift1 != 0) and np.all(shift2 != 0) and not np.allclose(shift1, shift2)
+  np.testing.assert_array_equal(np.concatenate(seen[9:]), images["test"])  # test: never
+  with pytest.raises(ValueError, match="needs an augmentation"):
+    vt.probe_metrics(features, None, Ctx(), probe, "train", "test", None)
+  with pytest.raises(ValueError, match="train_views"):
+    vt.ProbeConfig(train_views=0)
+
+
 def test_layer_wise_lr_decay_scales(tmp_path):
   cfg = vt.ViTClassifierConfig(_vit(), layer_decay=0.5)
   task = cfg.build()

@@ -196,9 +196,14 @@ class ProbeConfig:
   last block, flattened in image order: a probe that keeps the spatial map). Features are standardized with train
   statistics; ``c`` is the inverse L2 strength of the logistic regression
   (0: chosen by 3-fold cross-validation on the train features).
+  ``train_views``: the probe is fit on the train images plus
+  ``train_views - 1`` randomly augmented copies (the task's ``ImageData``
+  augmentation, fixed keys), as MAE's linear probe trains with augmentation;
+  the encoder stays frozen and test images are never augmented.
   """
   features: str = "pooled"
   c: float = 1.0
+  train_views: int = 1
   max_iter: int = 2000
   knn_k: int = 5
   batch_size: int = 256  # feature extraction batch (rounded up by the engine)
@@ -208,6 +213,9 @@ class ProbeConfig:
       raise ValueError(f"ProbeConfig.features={self.features!r}: choose one of {FEATURES}.")
     if self.c < 0:
       raise ValueError(f"ProbeConfig.c={self.c}: must be >= 0 (0: cross-validated).")
+    if self.train_views < 1:
+      raise ValueError(f"ProbeConfig.train_views={self.train_views}: must be >= 1 "
+                       f"(1: the train images only).")
 
 
 def select_features(aux: dict, which: str, has_cls: bool):
@@ -230,15 +238,20 @@ def select_features(aux: dict, which: str, has_cls: bool):
   return jnp.concatenate([cls, gap], axis=-1)
 
 
-def extract_features(feature_fn, params, batches):
+def extract_features(feature_fn, params, batches, augment=None, rng=None):
   """Run ``feature_fn(params, images) -> {name: [b, d]}`` over padded batches.
 
-  Returns ``({name: features [n, d] float32}, labels [n])`` of the real rows.
+  With ``augment(images, rng)``, batch ``i``'s images are first augmented
+  with ``fold_in(rng, i)``. Returns ``({name: features [n, d] float32},
+  labels [n])`` of the real rows.
   """
   feats, labels = {}, []
-  for batch in batches:
+  for i, batch in enumerate(batches):
     real = _real_rows(batch)
-    out = jax.device_get(feature_fn(params, batch["image"]))
+    images = batch["image"]
+    if augment is not None:
+      images = augment(images, jax.random.fold_in(rng, i))
+    out = jax.device_get(feature_fn(params, images))
     for name, f in out.items():
       feats.setdefault(name, []).append(np.asarray(f, np.float32)[real])
     labels.append(np.asarray(batch["label"])[real])
@@ -246,14 +259,21 @@ def extract_features(feature_fn, params, batches):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, c: float = 1.0,
-                 max_iter: int = 2000) -> float:
-  """Accuracy of a logistic regression fit on standardized train features."""
-  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
+                 max_iter: int = 2000, groups=None) -> float:
+  """Accuracy of a logistic regression fit on standardized train features.
+
+  ``c=0`` picks the L2 strength by 3-fold cross-validation; ``groups`` (one
+  id per train row, e.g. the source image of each augmented view) keeps a
+  group inside one fold, so views of one image never score each other.
+  """
+  from sklearn import linear_model, model_selection  # pylint: disable=import-outside-toplevel
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   if c > 0:
     clf = linear_model.LogisticRegression(C=c, max_iter=max_iter)
   else:
-    clf = linear_model.LogisticRegressionCV(Cs=[0.01, 0.03, 0.1, 0.3, 1.0], cv=3,
+    folds = 3 if groups is None else list(model_selection.GroupKFold(3).split(
+        train_x, train_y, groups))
+    clf = linear_model.LogisticRegressionCV(Cs=[0.01, 0.03, 0.1, 0.3, 1.0], cv=folds,
                                             max_iter=max_iter)
   clf.fit((train_x - mean) / std, train_y)
   return float(np.mean(clf.predict((test_x - mean) / std) == test_y))
@@ -277,15 +297,28 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 5,
 
 
 def probe_metrics(feature_fn, params, ctx: EvalContext, probe: ProbeConfig,
-                  train_split: str, eval_split: str) -> dict:
+                  train_split: str, eval_split: str, augment=None) -> dict:
   """``eval/{name}linear_probe_accuracy`` and ``eval/{name}knn_accuracy`` for
-  every feature set ``name`` of ``feature_fn(params, images) -> {name: [b, d]}``."""
-  tx, ty = extract_features(feature_fn, params, ctx.batches(train_split, probe.batch_size))
+  every feature set ``name`` of ``feature_fn(params, images) -> {name: [b, d]}``.
+
+  ``augment(images, rng)`` makes the ``probe.train_views - 1`` extra views.
+  """
+  views = [extract_features(feature_fn, params, ctx.batches(train_split, probe.batch_size))]
+  if probe.train_views > 1 and augment is None:
+    raise ValueError(f"ProbeConfig.train_views={probe.train_views} needs an augmentation; "
+                     f"this task has none.")
+  for v in range(1, probe.train_views):
+    views.append(extract_features(feature_fn, params, ctx.batches(train_split, probe.batch_size),
+                                  augment, jax.random.PRNGKey(v)))
+  tx = {k: np.concatenate([f[k] for f, _ in views]) for k in views[0][0]}
+  ty = np.concatenate([y for _, y in views])
+  image_ids = np.tile(np.arange(len(views[0][1])), len(views))
   vx, vy = extract_features(feature_fn, params, ctx.batches(eval_split, probe.batch_size))
   metrics = {}
   for name in tx:
     metrics[f"eval/{name}linear_probe_accuracy"] = linear_probe(
-        tx[name], ty, vx[name], vy, c=probe.c, max_iter=probe.max_iter)
+        tx[name], ty, vx[name], vy, c=probe.c, max_iter=probe.max_iter,
+        groups=image_ids if probe.train_views > 1 else None)
     metrics[f"eval/{name}knn_accuracy"] = knn_accuracy(tx[name], ty, vx[name], vy, k=probe.knn_k)
   return metrics
 
@@ -558,7 +591,8 @@ class _MIMTask(_ImageTask):
       return {"": sets[probe.features], "pooled_": sets["pooled"]}
 
     metrics = probe_metrics(jax.jit(feature_sets), params, ctx, probe,
-                            self.train_split, self.eval_split)
+                            self.train_split, self.eval_split,
+                            jax.jit(self.data.augment) if self.data.augments else None)
     metrics["eval/loss"] = self.mean_eval_loss(params, ctx)
     if self.config.export_encoder and ctx.workdir and jax.process_index() == 0:
       export_encoder(params, ctx.workdir)
