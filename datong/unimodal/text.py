@@ -712,6 +712,17 @@ def _eval_totals(task, params, ctx: EvalContext) -> dict[str, float]:
   return sums
 
 
+def _task_tokenizer(config) -> Tokenizer:
+  """A text task's tokenizer (``bpe:VOCAB`` learns from its train split),
+  checked against its model's vocabulary."""
+  tok = make_tokenizer(config.tokenizer, (config.dataset, config.train_split, config.text_feature))
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer {config.tokenizer!r} has {tok.vocab_size} ids > "
+                     f"model.vocab_size {config.model.vocab_size}: set "
+                     f"task.model.vocab_size={tok.vocab_size}.")
+  return tok
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTTaskConfig:
   """Causal LM pretraining on packed documents (``<bos> text <eos>``)."""
@@ -753,12 +764,7 @@ class GPTTask(Task):
     self.config = config
     self.dataset = config.dataset
     self.train_split, self.eval_split = config.train_split, config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer,
-                                    (self.dataset, self.train_split, config.text_feature))
-    if self.tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} ids > "
-                       f"model.vocab_size {config.model.vocab_size}: set "
-                       f"task.model.vocab_size={self.tokenizer.vocab_size}.")
+    self.tokenizer = _task_tokenizer(config)
     self.model = GPT(config.model)
     self._sources = {}
 
@@ -907,12 +913,7 @@ class BERTTask(Task):
     self.config = config
     self.dataset = config.dataset
     self.train_split, self.eval_split = config.train_split, config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer,
-                                    (self.dataset, self.train_split, config.text_feature))
-    if self.tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"tokenizer {config.tokenizer!r} has {self.tokenizer.vocab_size} ids > "
-                       f"model.vocab_size {config.model.vocab_size}: set "
-                       f"task.model.vocab_size={self.tokenizer.vocab_size}.")
+    self.tokenizer = _task_tokenizer(config)
     self.specials = special_ids(self.tokenizer)
     self.model = BERT(config.model)
     self._sources = {}
