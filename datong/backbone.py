@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -481,6 +481,14 @@ def init_cache(config: TransformerConfig, batch: int, max_length: int, dtype=Non
   shape = (config.depth, batch, max_length, config.resolved_kv_heads, config.resolved_head_dim)
   dtype = config.compute_dtype if dtype is None else dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def params_collection(variables):
+  """The ``params`` collection, whether or not wrapped in ``{"params": ...}``
+  (what ``Module.init`` returns); boxes are kept."""
+  if isinstance(variables, Mapping) and set(variables) == {"params"}:
+    return variables["params"]
+  return variables
 
 
 def count_params(params) -> int:

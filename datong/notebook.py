@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import PRESETS, WEIGHTS_COLLECTION, Transformer, TransformerConfig, count_params
+from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, Transformer, TransformerConfig,
+                             count_params, params_collection)
 from datong.ops.attention import IMPLEMENTATIONS
 
 __all__ = [
@@ -298,11 +299,7 @@ def _rng(rng) -> jax.Array:
   return jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
 
 
-def _params(params):
-  """The ``params`` collection, whether or not wrapped in ``{"params": ...}``."""
-  if isinstance(params, Mapping) and set(params) == {"params"}:
-    return params["params"]
-  return params
+_params = params_collection
 
 
 def init(model: nn.Module, *inputs, rng=0, **kwargs):
@@ -494,7 +491,8 @@ class ParamTable:
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  from datong.train.task import path_names  # pylint: disable=import-outside-toplevel
+  return "/".join(path_names(path))
 
 
 def _is_box(x) -> bool:

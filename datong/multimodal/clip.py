@@ -336,7 +336,7 @@ def load_image_encoder(params, encoder, *, strict: bool = True):
 
 # -------------------------------------------------------------------- task --
 
-from datong.train.task import EvalContext, Task, transformer_flops_per_token  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,7 +547,7 @@ class ClipTask(Task):
       return None
 
     def keep(path, _):
-      names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      names = path_names(path)
       if names[:1] != ["image"]:
         return True
       return lock == "encoder" and names[1:2] == ["head"]

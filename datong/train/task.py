@@ -55,6 +55,12 @@ class EvalContext:
     return np.asarray(x)
 
 
+def path_names(path) -> list[str]:
+  """The names along a ``jax.tree_util`` key path (dict keys, attribute
+  names, sequence indices) as strings: ``['encoder', 'layer_0', 'kernel']``."""
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
 class Task(abc.ABC):
   """An objective the engine can train. Subclass and fill in the abstract parts."""
 
@@ -126,7 +132,7 @@ class Task(abc.ABC):
   def weight_decay_mask(self, params) -> Any:
     """Which leaves get weight decay: kernels, not norms, biases or embeddings."""
     def decays(path, leaf):
-      names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
+      names = [n.lower() for n in path_names(path)]
       if leaf.ndim < 2:
         return False  # biases, norm scales, scalars (temperature)
       return not any("embed" in n or n in ("pos_embedding", "cls", "mask_token") for n in names)

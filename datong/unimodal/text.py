@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import Norm, Transformer, TransformerConfig, init_cache
+from datong.backbone import Norm, Transformer, TransformerConfig, init_cache, params_collection
 from datong.ops import masks as mask_ops
 from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, Tokenizer,
@@ -510,12 +510,8 @@ def init_from_pretrained(params, pretrained, *, keys: Sequence[str] = ("encoder"
   ``params[key]`` with the same shape; leaves only in ``params`` keep their
   fresh values (e.g. a token-type table BERT did not have).
   """
-  def strip(p):
-    p = nn.unbox(p)
-    return p["params"] if set(p) == {"params"} else p
-
-  out = dict(strip(params))
-  src = strip(pretrained)
+  out = dict(params_collection(nn.unbox(params)))
+  src = params_collection(nn.unbox(pretrained))
   for key in keys:
     if key not in src:
       raise KeyError(f"pretrained params have no {key!r} subtree; top-level keys: {sorted(src)}")

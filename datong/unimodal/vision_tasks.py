@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from datong.train.task import EvalContext, Task, transformer_flops_per_token
+from datong.backbone import params_collection
+from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token
 from datong.unimodal import masked_image as mim
 from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder
 
@@ -170,10 +171,7 @@ def shift_images(images, dy: int, dx: int, fill: float = -1.0):
 
 
 def _unbox(params):
-  params = nn.unbox(params)
-  if isinstance(params, dict) and set(params) == {"params"}:
-    params = params["params"]
-  return params
+  return params_collection(nn.unbox(params))
 
 
 def _real_rows(batch) -> np.ndarray:
@@ -419,7 +417,7 @@ def layer_ids(params, depth: int):
   """Per-leaf layer index for layer-wise lr decay: stem / cls / pos 0,
   backbone ``layer_i`` i + 1, the final norm and head ``depth + 1``."""
   def layer(path, _):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = path_names(path)
     for n in names:
       if n.startswith("layer_"):
         return int(n.split("_")[1]) + 1
