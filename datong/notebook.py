@@ -186,22 +186,6 @@ def _recipe_model(kind: str, name: str):
   return config, kwargs
 
 
-def _simmim_config(config, overrides):
-  """SimMIM's 32-pixel mask cells fit no small image: unless set, the cells
-  are 2x2 patches (1 patch when the image is not divisible by 2 patches)."""
-  from datong.train.config import replace_fields  # pylint: disable=import-outside-toplevel
-  resolved = resolve_overrides(config, overrides)
-  if "mask_patch_size" in resolved:
-    return replace_fields(config, resolved)
-  encoder = resolved.pop("encoder", config.encoder)
-  encoder = replace_fields(encoder, {k[len("encoder."):]: resolved.pop(k) for k in list(resolved)
-                                     if k.startswith("encoder.")})
-  patch = encoder.patch_size[0]
-  fits = all(s % (2 * p) == 0 for s, p in zip(encoder.image_size, encoder.patch_size))
-  config = dataclasses.replace(config, encoder=encoder, mask_patch_size=2 * patch if fits else patch)
-  return replace_fields(config, resolved)
-
-
 def _module_fields(cls) -> list[str]:
   return [f.name for f in dataclasses.fields(cls) if f.name not in ("config", "parent", "name")]
 
@@ -237,10 +221,7 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
   kwargs.update({k: v for k, v in overrides.items() if k in module_fields})
   config_overrides = {k: v for k, v in overrides.items() if k not in module_fields}
   try:
-    if kind == "simmim" and preset in PRESETS:
-      config = _simmim_config(config, config_overrides)
-    else:
-      config = _override(config, config_overrides)
+    config = _override(config, config_overrides)
   except ValueError as e:
     if module_fields and str(e).startswith("Unknown setting"):
       raise ValueError(f"{e} Module fields of {cls.__name__}: {', '.join(module_fields)}.") from None
@@ -281,9 +262,7 @@ def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple:
                            cfg.mask_ratio)
     return (images(cfg.encoder), m.keep_indices, m.restore_indices)
   if isinstance(model, mim.SimMIM):
-    enc = cfg.encoder
-    return (images(enc), mim.block_masking(jax.random.PRNGKey(seed), batch, enc.image_size,
-                                           enc.patch_size, cfg.mask_patch_size, cfg.mask_ratio))
+    return (images(cfg.encoder), mim.simmim_masking(jax.random.PRNGKey(seed), batch, cfg))
   if isinstance(model, CLIP):
     ids = np.array(_ids(rng, batch, cfg.text.max_length, cfg.text.vocab_size))
     ids[:, -1] = model.eos_id

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from datong.backbone import (PRESETS, Transformer, TransformerConfig, count_params,
-                             init_cache)
+                             init_cache, merge_params)
 
 
 def _init(cfg, x, **kw):
@@ -222,3 +222,35 @@ def test_unknown_preset_and_wrong_width():
   with pytest.raises(ValueError, match=r"\[batch, length, 64\]"):
     Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 32)))
   assert set(PRESETS) >= {"vit-S", "vit-B", "vit-L", "vit-H", "bert-base", "gpt2-small"}
+
+
+def test_merge_params_swaps_shared_leaves_and_keeps_boxes_and_fresh_leaves():
+  cfg = TransformerConfig(width=32, depth=1, heads=2, mlp_dim=64, dtype="bfloat16",
+                          param_dtype="bfloat16")
+  fresh = _init(cfg, jnp.zeros((1, 3, 32)))["params"]
+  theirs = jax.tree.map(lambda a: np.asarray(a, np.float32) + 1.0, nn.unbox(fresh))
+  del theirs["final_norm"]  # a leaf only the model has stays fresh
+  merged = merge_params(fresh, {"params": theirs})
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  assert [b.names for b in jax.tree.leaves(merged, is_leaf=is_box)] == \
+      [b.names for b in jax.tree.leaves(fresh, is_leaf=is_box)]
+  plain, before = nn.unbox(merged), nn.unbox(fresh)
+  kernel = plain["layer_0"]["mlp"]["wi"]["kernel"]
+  assert kernel.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(kernel, jnp.asarray(theirs["layer_0"]["mlp"]["wi"]["kernel"],
+                                                    jnp.bfloat16))
+  jax.tree.map(np.testing.assert_array_equal, plain["final_norm"], before["final_norm"])
+  # Extra leaves: an error by default, dropped on request; no shared leaf: an error.
+  extra = {**theirs, "head": {"kernel": np.zeros((32, 3))}}
+  with pytest.raises(ValueError, match="pretrained x/head/kernel does not exist in the model"):
+    merge_params(fresh, extra, where="x/")
+  dropped = nn.unbox(merge_params(fresh, extra, extra="drop"))
+  assert "head" not in dropped
+  with pytest.raises(ValueError, match="share no leaf"):
+    merge_params(fresh, {"other": {"kernel": np.zeros(2)}}, extra="drop")
+  # Shapes must match unless the resize hook makes them.
+  wide = jax.tree.map(lambda a: np.zeros(a.shape[:-1] + (a.shape[-1] + 1,)), theirs)
+  with pytest.raises(ValueError, match=r"has shape .* the model wants"):
+    merge_params(fresh, wide)
+  cut = merge_params(fresh, wide, resize=lambda key, a, shape: a[..., :shape[-1]] + 2.0)
+  assert float(jnp.min(nn.unbox(cut)["layer_0"]["mlp"]["wi"]["kernel"])) == 2.0

@@ -48,7 +48,9 @@ def test_build_routes_overrides_and_lists_choices():
   mae = dn.build("mae", "tiny", image_size=8, patch_size=2, channels=1, decoder__depth=1)
   assert (mae.config.encoder.backbone.depth, mae.config.decoder.depth) == (2, 1)
   simmim = dn.build("simmim", "tiny", image_size=8, patch_size=2, channels=1)
-  assert simmim.config.mask_patch_size == 4  # 2x2 patches: 32 does not fit 8x8
+  assert simmim.config.mask_cell == (4, 4)  # 2x2 patches (SimMIM's 32 over 16)
+  one = dn.build("simmim", "tiny", image_size=6, patch_size=2, channels=1)
+  assert one.config.mask_cell == (2, 2)  # 2x2 patches do not tile 6x6: 1 patch
   assert dn.build("vit", "vit-digits").config.image_size == (32, 32)  # a recipe's model
   assert dn.build("vit", "tiny", num_classes=10).num_classes == 10
   with pytest.raises(ValueError, match="gpt, bert, vit"):

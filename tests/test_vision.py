@@ -176,7 +176,8 @@ def test_simmim_replaces_masked_patches_with_mask_token():
   cfg = mim.SimMIMConfig(_vit(), mask_patch_size=4, mask_ratio=0.5)
   assert cfg.encoder.mask_token
   x = _images((2, 8, 8, 1))
-  mask = mim.block_masking(jax.random.PRNGKey(0), 2, (8, 8), 2, 4, 0.5)
+  mask = mim.simmim_masking(jax.random.PRNGKey(0), 2, cfg)
+  np.testing.assert_array_equal(mask, mim.block_masking(jax.random.PRNGKey(0), 2, (8, 8), 2, 4, 0.5))
   model = mim.SimMIM(cfg)
   params = model.init(jax.random.PRNGKey(1), x, mask)
   pred, aux = model.apply(params, x, mask)
@@ -185,6 +186,15 @@ def test_simmim_replaces_masked_patches_with_mask_token():
   pix = np.asarray(mim.patch_mask_to_pixels(mask, (8, 8), 2))[..., None]
   pred2, _ = model.apply(params, jnp.where(pix, 3.0, x), mask)
   np.testing.assert_allclose(pred2, pred, atol=1e-5)
+
+
+def test_simmim_mask_cell_default_is_two_patches_when_they_tile():
+  paper = mim.SimMIMConfig(ViTConfig(TINY, image_size=224, patch_size=16))
+  assert paper.mask_patch_size is None and paper.mask_cell == (32, 32)
+  assert mim.SimMIMConfig(_vit(image_size=(6, 8))).mask_cell == (2, 2)
+  assert mim.SimMIMConfig(_vit(), mask_patch_size=8).mask_cell == (8, 8)
+  with pytest.raises(ValueError, match="multiple of the patch size"):
+    mim.SimMIMConfig(_vit(), mask_patch_size=3)
 
 
 def test_reconstruction_png(tmp_path):
@@ -267,6 +277,36 @@ def test_layer_wise_lr_decay_scales(tmp_path):
   tuned = vt.ViTClassifierConfig(_vit(), pretrained=path).build()
   loaded = nn.unbox(tuned.init(jax.random.PRNGKey(1), tuned.batch_spec(2)))["params"]
   np.testing.assert_allclose(loaded["encoder"]["cls"], params["encoder"]["cls"] + 1.0)
+
+
+def test_fine_tuning_at_a_new_resolution_interpolates_the_pretrained_position_table(tmp_path):
+  """A SimMIM encoder pretrained on 8x8 images (4x4 patches) starts a 16x16
+  classifier: positions interpolated, mask token dropped, [CLS] and head fresh."""
+  simmim = mim.SimMIM(mim.SimMIMConfig(_vit(pool="gap", posemb="learned")))
+  x = _images((1, 8, 8, 1))
+  params = nn.unbox(simmim.init(jax.random.PRNGKey(3), x, jnp.zeros((1, 16), bool)))["params"]
+  path = vt.export_encoder(params, str(tmp_path))
+  big = _vit(image_size=(16, 16))  # pool="cls": a [CLS] token SimMIM did not have
+  up = vt.ImageData(upsample=2)
+  task = vt.ViTClassifierConfig(big, data=up, pretrained=path).build()
+  fresh = nn.unbox(vt.ViTClassifierConfig(big, data=up).build().init(
+      jax.random.PRNGKey(1), task.batch_spec(2)))["params"]
+  loaded = nn.unbox(task.init(jax.random.PRNGKey(1), task.batch_spec(2)))["params"]
+  old_pos = params["encoder"]["stem"]["pos_embedding"]
+  np.testing.assert_allclose(loaded["encoder"]["stem"]["pos_embedding"],
+                             interpolate_2d(old_pos, (4, 4), (8, 8)), rtol=1e-6)
+  assert loaded["encoder"]["stem"]["pos_embedding"].shape == (64, TINY.width)
+  assert "mask_token" not in loaded["encoder"]["stem"]
+  jax.tree.map(np.testing.assert_array_equal, loaded["encoder"]["backbone"],
+               params["encoder"]["backbone"])
+  np.testing.assert_array_equal(loaded["encoder"]["cls"], fresh["encoder"]["cls"])
+  np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
+  with pytest.raises(ValueError, match="has shape .* the model wants"):
+    vt.ViTClassifierConfig(_vit(image_size=(16, 16), patch_size=(4, 4)), data=up,
+                           pretrained=path).build().init(jax.random.PRNGKey(1),
+                                                          task.batch_spec(2))
+  with pytest.raises(ValueError, match="no such file"):
+    vt.ViTClassifierConfig(big, data=up, pretrained=str(tmp_path / "nope.msgpack")).build()
 
 
 # ------------------------------------------------------------ the engine

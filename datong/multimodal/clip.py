@@ -45,8 +45,8 @@ import numpy as np
 from datong.backbone import Norm, Transformer, TransformerConfig
 from datong.multimodal import contrastive
 from datong.unimodal.text import TextConfig, TokenEmbedding, make_tokenizer
-from datong.unimodal.vision import PatchEmbedding, ViTConfig, ViTEncoder
-from datong.unimodal.vision_tasks import ImageData, load_encoder
+from datong.unimodal.vision import PatchEmbedding, ViTConfig, ViTEncoder, merge_encoder
+from datong.unimodal.vision_tasks import ImageData
 
 TEXT_POOLS = ("eos", "cls", "mean")
 LOSSES = ("softmax", "sigmoid")
@@ -290,53 +290,19 @@ def tokenize(texts: Sequence[Any], tokenizer, length: int, *, pool: str = "eos")
 
 # ------------------------------------------------------- pretrained image ---
 
-def _find_encoder(params) -> Any:
-  """The ViT encoder subtree of a ViTClassifier / MAE / SimMIM / CLIP param tree."""
-  params = params.get("params", params)
-  if "image" in params and "encoder" in params["image"]:
-    return params["image"]["encoder"]
-  if "encoder" in params:
-    return params["encoder"]
-  if "stem" in params and "backbone" in params:
-    return params  # a bare ViTEncoder
-  raise ValueError(f"no ViT encoder found in a param tree with keys {sorted(params)}; "
-                   "expected 'encoder' (ViT, MAE, SimMIM) or 'image/encoder' (CLIP).")
-
-
-def load_image_encoder(params, encoder, *, strict: bool = True):
-  """``params`` with ``image/encoder`` replaced by ``encoder`` (shapes checked).
-
-  ``strict=False`` keeps this model's leaves where the encoder lacks them
-  (e.g. an MAE encoder has no [CLS] when this one pools at [CLS]).
-  """
+def load_image_encoder(params, pretrained, config: ClipConfig):
+  """``params`` with ``image/encoder`` started from the ViT encoder in
+  ``pretrained`` (ViT / MAE / SimMIM / CLIP params; see ``vision.merge_encoder``)."""
   if "encoder" not in params.get("image", {}):
     raise ValueError("load_image_encoder needs share_backbone=False (params image/encoder).")
-  mine = nn.unbox(params["image"]["encoder"])
-  theirs = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(nn.unbox(encoder))[0]}
-
-  def pick(path, leaf):
-    key = jax.tree_util.keystr(path)
-    if key not in theirs:
-      if strict:
-        raise ValueError(f"pretrained encoder lacks image/encoder{key}")
-      return leaf
-    new = theirs[key]
-    if tuple(new.shape) != tuple(leaf.shape):
-      raise ValueError(f"image/encoder{key}: pretrained shape {tuple(new.shape)} != "
-                       f"model shape {tuple(leaf.shape)}; match the ViT config.")
-    return jnp.asarray(new, leaf.dtype)
-
-  loaded = jax.tree_util.tree_map_with_path(pick, mine)
-  boxed = params["image"]["encoder"]
-  loaded = jax.tree.map(lambda b, v: b.replace_boxed(v) if isinstance(b, nn.Partitioned) else v,
-                        boxed, loaded, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return {**params, "image": {**params["image"], "encoder": loaded}}
+  encoder = merge_encoder(params["image"]["encoder"], pretrained, config.image)
+  return {**params, "image": {**params["image"], "encoder": encoder}}
 
 
 # -------------------------------------------------------------------- task --
 
 from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datong.train.warmstart import load_pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,9 +374,7 @@ class ClipTask(Task):
       raise ValueError(f"ClipConfig.text.vocab_size={mc.text.vocab_size} is smaller than the "
                        f"tokenizer's {self.tokenizer.vocab_size}.")
     self.model = CLIP(mc, pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
-    self._pretrained = None
-    if config.image_init:
-      self._pretrained = jax.tree.map(np.asarray, _find_encoder(_load_params(config.image_init)))
+    self._pretrained = load_pretrained(config.image_init) if config.image_init else None
 
   # --- model ---
   def _dummy(self, batch):
@@ -421,7 +385,7 @@ class ClipTask(Task):
     variables = self.model.init(rng, images[:1], ids[:1])
     if self._pretrained is not None:
       variables = {**variables, "params": load_image_encoder(
-          variables["params"], self._pretrained, strict=False)}
+          variables["params"], self._pretrained, self.config.model)}
     return variables
 
   def batch_spec(self, batch_size):
@@ -566,11 +530,3 @@ def augment_caption(caption, rng: np.random.Generator, *, word_dropout: float = 
     noise = "".join(rng.choice(letters, size=int(rng.integers(2, 9))))
     kept.insert(int(rng.integers(0, len(kept) + 1)), noise)
   return " ".join(kept)
-
-
-def _load_params(path: str):
-  """Params of a run's workdir (latest checkpoint) or an exported ``.msgpack`` encoder."""
-  if path.endswith(".msgpack"):
-    return {"encoder": load_encoder(path)}
-  from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
-  return load_params(path)

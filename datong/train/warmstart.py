@@ -9,6 +9,10 @@ latest checkpoint) or a ``.msgpack`` of parameters. Every pretrained leaf
 must exist in the task's model with the same shape; the model's other leaves
 (a new head) keep their fresh initialization. Only the path is stored in the
 run's config, so a resumed run restores its own checkpoint as usual.
+
+``load_pretrained`` reads all three forms; the vision and CLIP tasks read
+their pretrained encoders with it too (``ViTClassifierConfig.pretrained``,
+``ClipTaskConfig.image_init``). Merging is ``backbone.merge_params``.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import os
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import numpy as np
 
+from datong.backbone import merge_params, params_collection
+
 
 def load_pretrained(path: str) -> dict:
-  """The plain ``params`` collection (host arrays) stored at ``path``."""
+  """The plain ``params`` collection (host arrays) stored at ``path``: a
+  ``.msgpack`` file, a Hugging Face model directory or a Datong run's workdir."""
   if path.endswith(".msgpack"):
+    if not os.path.isfile(path):
+      raise ValueError(f"pretrained weights {path!r}: no such file.")
     with open(path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
-    return params.get("params", params)
+    return params_collection(params)
   if os.path.exists(os.path.join(path, "config.json")):
     from datong import hf  # pylint: disable=import-outside-toplevel
     _, params = hf.load(path)
@@ -36,20 +44,8 @@ def load_pretrained(path: str) -> dict:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
     return load_params(path)
-  raise ValueError(f"WarmStartConfig.init={path!r}: not a Hugging Face model directory "
+  raise ValueError(f"pretrained weights {path!r}: not a Hugging Face model directory "
                    "(config.json), a Datong run's workdir (checkpoints/) or a .msgpack file.")
-
-
-def merge_pretrained(variables: dict, pretrained: dict) -> dict:
-  """``variables`` (``{"params": boxed}`` from ``Task.init``) with the
-  pretrained leaves swapped in; the logical-axis boxes are kept."""
-  from datong.unimodal.text import init_from_pretrained  # pylint: disable=import-outside-toplevel
-  boxed = variables["params"]
-  merged = init_from_pretrained(boxed, pretrained, keys=tuple(pretrained))
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  params = jax.tree.map(lambda b, v: b.replace_boxed(v) if is_box(b) else v,
-                        boxed, merged, is_leaf=is_box)
-  return {**variables, "params": params}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +74,8 @@ class WarmStartTask:
     self.pretrained = load_pretrained(config.init)
 
   def init(self, rng, batch):
-    return merge_pretrained(self.inner.init(rng, batch), self.pretrained)
+    variables = self.inner.init(rng, batch)
+    return {**variables, "params": merge_params(variables["params"], self.pretrained)}
 
   def __getattr__(self, name: str) -> Any:
     if name == "inner":  # not yet set (unpickling): no recursion

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -227,18 +227,38 @@ def mae_reconstruct(pred, images, mask, patch_size, *, norm_pix: bool = True):
 class SimMIMConfig:
   """SimMIM: a ViT encoder with a mask token + a linear pixel head."""
   encoder: ViTConfig
-  mask_patch_size: int = 32  # SimMIM's 32x32 mask cells over 16x16 patches
+  # Mask cell size in pixels; None: 2x2 patches when they tile the image
+  # (SimMIM's 32x32 cells over 16x16 patches), else one patch.
+  mask_patch_size: Optional[int] = None
   mask_ratio: float = 0.6
 
   def __post_init__(self):
     if not self.encoder.mask_token:
       object.__setattr__(self, "encoder", self.encoder.replace(mask_token=True))
-    mp, (ph, pw) = _pair(self.mask_patch_size), self.encoder.patch_size
+    mp, (ph, pw) = self.mask_cell, self.encoder.patch_size
     if mp[0] % ph or mp[1] % pw:
       raise ValueError(f"SimMIMConfig.mask_patch_size={self.mask_patch_size} must be a "
                        f"multiple of the patch size {self.encoder.patch_size}.")
     grid_shape(self.encoder.image_size, mp)
     num_masked(1, self.mask_ratio)
+
+  @property
+  def mask_cell(self) -> tuple[int, int]:
+    """The mask's cell size in pixels: ``mask_patch_size``, resolved."""
+    if self.mask_patch_size is not None:
+      return _pair(self.mask_patch_size)
+    (ph, pw), (h, w) = self.encoder.patch_size, self.encoder.image_size
+    if h % (2 * ph) == 0 and w % (2 * pw) == 0:
+      return (2 * ph, 2 * pw)
+    return (ph, pw)
+
+
+def simmim_masking(rng, batch: int, config: SimMIMConfig):
+  """``[batch, patches]`` bool (True = masked): ``block_masking`` with the
+  config's mask cells and ratio."""
+  enc = config.encoder
+  return block_masking(rng, batch, enc.image_size, enc.patch_size, config.mask_cell,
+                       config.mask_ratio)
 
 
 class SimMIM(nn.Module):
@@ -285,8 +305,7 @@ def reconstruct(model, params, images, key) -> dict:
     mask, norm_pix = m.mask, cfg.norm_pix_loss
     loss, _ = mae_loss(pred, images, mask, patch, norm_pix=norm_pix)
   elif isinstance(model, SimMIM):
-    mask = block_masking(key, images.shape[0], enc.image_size, patch, cfg.mask_patch_size,
-                         cfg.mask_ratio)
+    mask = simmim_masking(key, images.shape[0], cfg)
     pred, _ = model.apply({"params": params}, images, mask)
     norm_pix = False
     loss, _ = simmim_loss(pred, images, mask, patch)

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import Norm, Transformer, TransformerConfig, init_cache, params_collection
+from datong.backbone import (Norm, Transformer, TransformerConfig, init_cache, merge_params,
+                             params_collection)
 from datong.ops import masks as mask_ops
 from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, Tokenizer,
@@ -503,7 +504,8 @@ def classification_loss(logits, labels):
 
 
 def init_from_pretrained(params, pretrained, *, keys: Sequence[str] = ("encoder",)):
-  """``params`` with the ``encoder`` (embedding + backbone) of ``pretrained``.
+  """``params`` (unboxed) with the ``keys`` subtrees (default: the
+  ``encoder``, embedding + backbone) of ``pretrained``.
 
   Both are ``params`` collections (plain or boxed; a ``{"params": ...}``
   wrapper is accepted). Every leaf of ``pretrained[key]`` must exist in
@@ -515,7 +517,7 @@ def init_from_pretrained(params, pretrained, *, keys: Sequence[str] = ("encoder"
   for key in keys:
     if key not in src:
       raise KeyError(f"pretrained params have no {key!r} subtree; top-level keys: {sorted(src)}")
-    out[key] = _merge(out[key], src[key], key)
+    out[key] = merge_params(out[key], src[key], where=f"{key}/")
   return out
 
 
@@ -523,23 +525,6 @@ def init_from_checkpoint(params, workdir: str, step: Optional[int] = None, **kw)
   """``init_from_pretrained`` from a GPT/BERT run's orbax checkpoint in ``workdir``."""
   from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
   return init_from_pretrained(params, load_params(workdir, step), **kw)
-
-
-def _merge(dst, src, prefix):
-  """Recursively copy ``src`` leaves into ``dst`` (shapes checked)."""
-  if not isinstance(src, Mapping):
-    if jnp.shape(src) != jnp.shape(dst):
-      raise ValueError(f"pretrained {prefix}: shape {jnp.shape(src)} != {jnp.shape(dst)}")
-    return jnp.asarray(src, dtype=jnp.asarray(dst).dtype)
-  if not isinstance(dst, Mapping):
-    raise ValueError(f"pretrained {prefix} is a subtree but the model has a leaf there")
-  out = dict(dst)
-  for k, v in src.items():
-    if k not in dst:
-      raise ValueError(f"pretrained {prefix}/{k} does not exist in the model; "
-                       f"model has {sorted(dst)}")
-    out[k] = _merge(dst[k], v, f"{prefix}/{k}")
-  return out
 
 
 # ----------------------------------------------------------------- packing --

@@ -14,17 +14,20 @@ probes, the CLIP image tower) read features without touching the model.
 Masked-image modeling (MAE, SimMIM) lives in ``datong.unimodal.masked_image``;
 the supervised task, augmentations and evaluation (linear probe, k-NN,
 fine-tuning with layer-wise lr decay) in ``datong.unimodal.vision_tasks``.
+``merge_encoder`` starts an encoder from another model's (ViT, MAE, SimMIM,
+CLIP), interpolating its position table to a new resolution.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from datong.backbone import Norm, Transformer, TransformerConfig
+from datong.backbone import Norm, Transformer, TransformerConfig, merge_params, params_collection
 from datong.ops.patches import grid_shape, patchify, unpatchify
 from datong.ops.posemb import interpolate_2d, sincos_2d
 
@@ -226,3 +229,42 @@ def patches_to_image(patches, config: ViTConfig, image_size=None):
   """Inverse of ``image_to_patches``."""
   size = config.image_size if image_size is None else _pair(image_size)
   return unpatchify(patches, config.patch_size, size, config.channels)
+
+
+# ------------------------------------------------------- pretrained encoder
+
+def find_encoder(params) -> Any:
+  """The ViT encoder subtree of ViTClassifier / MAE / SimMIM / CLIP params
+  (or of a bare ``ViTEncoder``'s, as ``export_encoder`` writes them)."""
+  params = params_collection(params)
+  if "image" in params and "encoder" in params["image"]:
+    return params["image"]["encoder"]
+  if "encoder" in params:
+    return params["encoder"]
+  if "stem" in params and "backbone" in params:
+    return params
+  raise ValueError(f"no ViT encoder found in a param tree with keys {sorted(params)}; "
+                   "expected 'encoder' (ViT, MAE, SimMIM), 'image/encoder' (CLIP) or a bare "
+                   "encoder ('stem', 'backbone').")
+
+
+def merge_encoder(fresh, pretrained, config: ViTConfig):
+  """``fresh`` ``ViTEncoder`` params (boxed or plain) with the leaves of the
+  encoder in ``pretrained`` (see ``find_encoder``).
+
+  A learned position table of another resolution (a square pretraining
+  grid) is interpolated to ``config.grid``. Leaves only the model has (a
+  [CLS] token an MAE encoder lacks) stay fresh; leaves only the pretrained
+  encoder has (SimMIM's mask token) are dropped. Shapes must otherwise match.
+  """
+  def resize(key, table, shape):
+    if key[-1] != "pos_embedding" or len(shape) != 2 or table.shape[1:] != shape[1:]:
+      return table
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0]:
+      raise ValueError(f"pretrained position table {tuple(table.shape)} is not a square grid, "
+                       "so its resolution is unknown; fine-tune at the pretraining resolution.")
+    return interpolate_2d(jnp.asarray(table), (side, side), config.grid)
+
+  return merge_params(fresh, find_encoder(pretrained), extra="drop", resize=resize,
+                      where="encoder/")

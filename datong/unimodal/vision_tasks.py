@@ -30,7 +30,7 @@ import optax
 from datong.backbone import params_collection
 from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token
 from datong.unimodal import masked_image as mim
-from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder
+from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder, merge_encoder
 
 ENCODER_EXPORT = "encoder_params.msgpack"
 
@@ -331,11 +331,6 @@ def export_encoder(params, workdir: str, name: str = ENCODER_EXPORT) -> str:
   return path
 
 
-def load_encoder(path: str) -> dict:
-  with open(path, "rb") as f:
-    return flax.serialization.msgpack_restore(f.read())
-
-
 # ------------------------------------------------------------------- shared
 
 def _spec(batch_size: int, model: ViTConfig, labels: bool = True) -> dict:
@@ -384,9 +379,9 @@ class _ImageTask(Task):
 class ViTClassifierConfig:
   """Supervised ViT (or fine-tuning of a pretrained encoder).
 
-  ``pretrained``: path of an exported encoder (``encoder_params.msgpack``
-  from an MAE / SimMIM run); its position table is interpolated if the grid
-  differs. ``layer_decay`` < 1 scales the learning rate of layer ``i`` (of
+  ``pretrained``: an exported encoder (``encoder_params.msgpack`` of an
+  MAE / SimMIM run) or a ViT / MAE / SimMIM / CLIP run's workdir; its
+  position table is interpolated if the grid differs (``merge_encoder``). ``layer_decay`` < 1 scales the learning rate of layer ``i`` (of
   ``depth``; the stem is layer 0, the head ``depth + 1``) by
   ``layer_decay ** (depth + 1 - i)``.
   """
@@ -429,35 +424,6 @@ def layer_ids(params, depth: int):
   return jax.tree_util.tree_map_with_path(layer, params)
 
 
-def load_pretrained_encoder(encoder_params: dict, path: str, model: ViTConfig) -> dict:
-  """Replace ``encoder_params`` leaves by the exported ones (same structure).
-
-  Position tables are interpolated when the patch grid differs; a missing
-  or extra leaf (e.g. SimMIM's mask token) is kept from / dropped to the
-  fresh initialization.
-  """
-  from datong.ops.posemb import interpolate_2d  # pylint: disable=import-outside-toplevel
-  loaded = load_encoder(path)
-  flat_new = flax.traverse_util.flatten_dict(encoder_params)
-  flat_old = flax.traverse_util.flatten_dict(loaded)
-  out = {}
-  for key, value in flat_new.items():
-    old = flat_old.get(key)
-    if old is None:
-      out[key] = value
-      continue
-    old = jnp.asarray(old, value.dtype)
-    if key[-1] == "pos_embedding" and old.shape != value.shape:
-      side = int(round(np.sqrt(old.shape[0])))
-      if side * side != old.shape[0]:
-        raise ValueError(f"cannot infer the pretrained grid of a {old.shape} position table")
-      old = interpolate_2d(old, (side, side), model.grid)
-    if old.shape != value.shape:
-      raise ValueError(f"pretrained {'/'.join(key)} has shape {old.shape}, model wants {value.shape}")
-    out[key] = old
-  return flax.traverse_util.unflatten_dict(out)
-
-
 class ViTClassifierTask(_ImageTask):
   """Cross-entropy on (smoothed, optionally mixed-up) labels; eval/accuracy."""
 
@@ -466,20 +432,20 @@ class ViTClassifierTask(_ImageTask):
     self.config = config
     self.encoder_config = config.model
     self.model = ViTClassifier(config.model, config.num_classes)
+    self.pretrained = None
+    if config.pretrained:
+      from datong.train.warmstart import load_pretrained  # pylint: disable=import-outside-toplevel
+      self.pretrained = load_pretrained(config.pretrained)
 
   def batch_spec(self, batch_size):
     return _spec(batch_size, self.config.model)
 
   def init(self, rng, batch):
     variables = self.model.init(rng, jnp.zeros(batch["image"].shape, jnp.float32))
-    if self.config.pretrained:
-      boxed = variables["params"]["encoder"]
-      fresh = nn.unbox(boxed)
-      loaded = load_pretrained_encoder(fresh, self.config.pretrained, self.config.model)
-      # Keep the logical-axis boxes: swap the values inside them.
-      variables["params"]["encoder"] = jax.tree.map(
-          lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned) else v,
-          boxed, loaded, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    if self.pretrained is not None:
+      params = variables["params"]
+      encoder = merge_encoder(params["encoder"], self.pretrained, self.config.model)
+      variables = {**variables, "params": {**params, "encoder": encoder}}
     return variables
 
   def logits(self, params, images, *, train=False, rng=None):
@@ -684,9 +650,7 @@ class SimMIMTask(_MIMTask):
     return _spec(batch_size, self.encoder_config)
 
   def masking(self, rng, batch_size: int):
-    enc = self.encoder_config
-    return mim.block_masking(rng, batch_size, enc.image_size, enc.patch_size,
-                             self.config.model.mask_patch_size, self.config.model.mask_ratio)
+    return mim.simmim_masking(rng, batch_size, self.config.model)
 
   def init(self, rng, batch):
     b = batch["image"].shape[0]

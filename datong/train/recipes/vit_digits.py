@@ -20,12 +20,13 @@ each test image by one upsampled pixel (``task.tta_shift=1``).
     datong train vit-digits --workdir /tmp/vit-digits
 
 Fine-tuning a pretrained encoder with layer-wise lr decay (the encoder
-must have the same shape: ``mae-digits``'s is 128 wide):
+must have the same shape: ``mae-digits``'s is 128 wide). ``task.pretrained``
+is a ViT / MAE / SimMIM / CLIP run's workdir or its exported
+``encoder_params.msgpack``:
 
     datong train vit-digits --workdir /tmp/vit-ft \
         --set task.model.backbone.width=128 --set task.model.backbone.mlp_dim=256 \
-        --set task.pretrained=/tmp/mae-digits/encoder_params.msgpack \
-        --set task.layer_decay=0.75
+        --set task.pretrained=/tmp/mae-digits --set task.layer_decay=0.75
 """
 
 from datong.backbone import TransformerConfig
