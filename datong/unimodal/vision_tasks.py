@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Optional
 
 import flax
@@ -273,7 +274,10 @@ def linear_probe(train_x, train_y, test_x, test_y, *, c: float = 1.0,
         train_x, train_y, groups))
     clf = linear_model.LogisticRegressionCV(Cs=[0.01, 0.03, 0.1, 0.3, 1.0], cv=folds,
                                             max_iter=max_iter)
-  clf.fit((train_x - mean) / std, train_y)
+  with warnings.catch_warnings():  # sklearn >= 1.8 warns of attributes we never read
+    warnings.filterwarnings("ignore", "The fitted attributes of LogisticRegressionCV",
+                            FutureWarning)
+    clf.fit((train_x - mean) / std, train_y)
   return float(np.mean(clf.predict((test_x - mean) / std) == test_y))
 
 
