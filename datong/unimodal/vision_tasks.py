@@ -272,11 +272,14 @@ def linear_probe(train_x, train_y, test_x, test_y, *, c: float = 1.0,
   else:
     folds = 3 if groups is None else list(model_selection.GroupKFold(3).split(
         train_x, train_y, groups))
+    # Folds score accuracy (sklearn 1.11 changes the default to log loss).
     clf = linear_model.LogisticRegressionCV(Cs=[0.01, 0.03, 0.1, 0.3, 1.0], cv=folds,
-                                            max_iter=max_iter)
-  with warnings.catch_warnings():  # sklearn >= 1.8 warns of attributes we never read
+                                            max_iter=max_iter, scoring="accuracy")
+  with warnings.catch_warnings():  # sklearn >= 1.8: attributes we never read, and
+    # l1_ratios' default becoming (0.0,), the pure L2 penalty it already is.
     warnings.filterwarnings("ignore", "The fitted attributes of LogisticRegressionCV",
                             FutureWarning)
+    warnings.filterwarnings("ignore", "The default value for l1_ratios", FutureWarning)
     clf.fit((train_x - mean) / std, train_y)
   return float(np.mean(clf.predict((test_x - mean) / std) == test_y))
 
