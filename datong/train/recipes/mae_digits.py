@@ -1,9 +1,9 @@
 """MAE on the embedded 8x8 digits: linear probe on frozen features >= 95%.
 
-Measured on a quiet 2-core CPU (float32, jax 0.10.2), 8m57s wall:
-``eval/linear_probe_accuracy`` **0.9611** (logistic regression on the
-frozen, global-average-pooled encoder output; raw pixels: 90.0%), k-NN
-0.9028. The workdir also gets a PNG of test reconstructions
+Measured on a quiet 2-core CPU (float32, jax 0.10.2), 8m57s wall (9m32s
+in a re-run with the same result): ``eval/linear_probe_accuracy``
+**0.9611** (logistic regression on the frozen, global-average-pooled
+encoder output; raw pixels: 90.0%), k-NN 0.9028. The workdir also gets a PNG of test reconstructions
 (``mae_reconstructions_step<N>.png``: input | masked | reconstruction) and
 ``encoder_params.msgpack``.
 
