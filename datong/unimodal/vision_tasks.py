@@ -388,8 +388,9 @@ class ViTClassifierConfig:
 
   ``pretrained``: an exported encoder (``encoder_params.msgpack`` of an
   MAE / SimMIM run) or a ViT / MAE / SimMIM / CLIP run's workdir; its
-  position table is interpolated if the grid differs (``merge_encoder``). ``layer_decay`` < 1 scales the learning rate of layer ``i`` (of
-  ``depth``; the stem is layer 0, the head ``depth + 1``) by
+  position table is interpolated if the grid differs (``merge_encoder``).
+  ``layer_decay`` < 1 scales the learning rate of layer ``i`` (of ``depth``;
+  the stem is layer 0, the head ``depth + 1``) by
   ``layer_decay ** (depth + 1 - i)``.
   """
   model: ViTConfig
