@@ -83,7 +83,7 @@ def main():
         "| model bits/byte | share of the model's bits |")
   print("| --- | --- | --- | --- |")
   for lo, hi in CLASSES:
-    m = (cover >= lo) & (cover < (hi or np.inf)) if lo else cover < CLASSES[1][0]
+    m = (cover >= lo) & (cover < (hi or np.inf))
     label = f"< {hi} bytes" if not lo else (f"{lo}-{hi - 1} bytes" if hi else f">= {lo} bytes")
     print(f"| {label} | {m.mean():.1%} | {per_byte[m].mean():.3f} | "
           f"{per_byte[m].sum() / total:.1%} |")

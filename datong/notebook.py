@@ -278,7 +278,6 @@ def _rng(rng) -> jax.Array:
   return jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
 
 
-_params = params_collection
 
 
 def init(model: nn.Module, *inputs, rng=0, **kwargs):
@@ -311,7 +310,7 @@ def _apply(model: nn.Module, params, inputs: Sequence, kwargs: Mapping[str, Any]
   except TypeError:
     raise TypeError("apply: keyword arguments must be arrays or hashable values (a tuple, "
                     f"not a list); got {dict(static)}.") from None
-  return _compiled_apply(model, static)(_params(params), tuple(inputs), arrays)
+  return _compiled_apply(model, static)(params_collection(params), tuple(inputs), arrays)
 
 
 def abstract_params(model: nn.Module, *inputs, **kwargs):
@@ -331,7 +330,7 @@ def apply(model: nn.Module, params, *inputs, **kwargs):
 
 def count(params) -> int:
   """Number of scalars in a parameter tree (boxed or plain)."""
-  return count_params(_params(params))
+  return count_params(params_collection(params))
 
 
 def with_attention(model_or_config, impl: str):
@@ -507,7 +506,7 @@ def describe(params, model: Optional[nn.Module] = None, mesh=None) -> ParamTable
       Without one, arrays placed with a ``NamedSharding`` show theirs.
   """
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-  params = _params(params)
+  params = params_collection(params)
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
   if not flat:
     raise ValueError("describe: the parameter tree is empty.")
@@ -801,7 +800,7 @@ def zero_shot_predict(task, params, images) -> np.ndarray:
   task = _task(task)
   if not hasattr(task, "zero_shot_classifier"):
     raise TypeError(f"zero_shot_predict needs a CLIP task; got {type(task).__name__}.")
-  params = nn.unbox(_params(params))
+  params = nn.unbox(params_collection(params))
   classifier = task.zero_shot_classifier(params)
   emb = _apply(task.model, params, (jnp.asarray(images),), {"method": "encode_image"})
   return np.asarray(jnp.argmax(contrastive.zero_shot_logits(emb, classifier), axis=-1))
@@ -819,7 +818,7 @@ def reconstruct(model: nn.Module, params, images, rng=0) -> dict:
   if not isinstance(model, (mim.MAE, mim.SimMIM)):
     raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
   images = jnp.asarray(images, jnp.float32)
-  out = _reconstruction(model)(_params(params), images, _rng(rng))
+  out = _reconstruction(model)(params_collection(params), images, _rng(rng))
   return {"images": np.asarray(images), "masked": np.asarray(out["masked"]),
           "reconstruction": np.asarray(out["reconstruction"]), "mask": np.asarray(out["mask"]),
           "loss": float(out["loss"])}
@@ -876,7 +875,7 @@ def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64
   for i, r in enumerate(rows):  # left padding
     ids[i, length - len(r):] = r
     mask[i, length - len(r):] = True
-  out = generate(model, nn.unbox(_params(params)), jnp.asarray(ids), jnp.asarray(mask),
+  out = generate(model, nn.unbox(params_collection(params)), jnp.asarray(ids), jnp.asarray(mask),
                  _rng(rng), max_new_tokens=max_new_tokens, padding="left",
                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id,
                  pad_id=tok.pad_id)
@@ -926,7 +925,7 @@ def _vit_encoder(model: nn.Module, params):
   from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
   from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
   from datong.unimodal.vision import ViTClassifier, ViTEncoder  # pylint: disable=import-outside-toplevel
-  params = _params(params)
+  params = params_collection(params)
   if isinstance(model, ViTEncoder):
     return model, params
   if isinstance(model, ViTClassifier):

@@ -3,9 +3,9 @@
 Measured on a quiet 2-core CPU (float32, jax 0.10.2), 8m57s wall (9m32s
 in a re-run with the same result): ``eval/linear_probe_accuracy``
 **0.9611** (logistic regression on the frozen, global-average-pooled
-encoder output; raw pixels: 90.0%), k-NN 0.9028. The workdir also gets a PNG of test reconstructions
-(``mae_reconstructions_step<N>.png``: input | masked | reconstruction) and
-``encoder_params.msgpack``.
+encoder output; raw pixels: 90.0%), k-NN 0.9028. The workdir also gets a
+PNG of test reconstructions (``mae_reconstructions_step<N>.png``: input |
+masked | reconstruction) and ``encoder_params.msgpack``.
 
 Model: encoder ViT on the 4x upsampled 32x32 digits with 4x4 patches (64
 tokens, 48 masked), width 128, depth 4, 2 heads, GAP, fixed 2-D sin-cos
@@ -17,8 +17,9 @@ probe (BENCHMARKS.md, session 3):
   0.925 -> 0.961 on the same encoder;
 - an 8-block decoder (MAE's paper also finds deeper decoders give better
   linear probes): with 4 blocks the pooled probe peaked mid-run (~0.95) and
-  fell to 0.936-0.942 by the end, as the encoder's last blocks specialized
-  in reconstruction;
+  fell to 0.936-0.942 by the end (MAE's explanation, not tested here: a
+  shallow decoder leaves the encoder's last blocks to specialize in
+  reconstruction);
 - raw-pixel targets: a 4x4 patch here is about one source pixel, so the
   per-patch normalized target is mostly interpolation gradient.
 
