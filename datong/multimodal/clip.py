@@ -45,7 +45,8 @@ import numpy as np
 from datong.backbone import Norm, Transformer, TransformerConfig
 from datong.multimodal import contrastive
 from datong.unimodal.text import TextConfig, TokenEmbedding, make_tokenizer
-from datong.unimodal.vision import PatchEmbedding, ViTConfig, ViTEncoder, merge_encoder
+from datong.unimodal.vision import (PatchEmbedding, ViTConfig, ViTEncoder, find_encoder,
+                                   merge_encoder)
 from datong.unimodal.vision_tasks import ImageData
 
 TEXT_POOLS = ("eos", "cls", "mean")
@@ -374,7 +375,9 @@ class ClipTask(Task):
       raise ValueError(f"ClipConfig.text.vocab_size={mc.text.vocab_size} is smaller than the "
                        f"tokenizer's {self.tokenizer.vocab_size}.")
     self.model = CLIP(mc, pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
-    self._pretrained = load_pretrained(config.image_init) if config.image_init else None
+    # Only the ViT encoder is kept; a tree without one fails here, at build.
+    self._pretrained = (find_encoder(load_pretrained(config.image_init))
+                        if config.image_init else None)
 
   # --- model ---
   def _dummy(self, batch):

@@ -31,7 +31,8 @@ import optax
 from datong.backbone import params_collection
 from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token
 from datong.unimodal import masked_image as mim
-from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder, merge_encoder
+from datong.unimodal.vision import (ViTClassifier, ViTConfig, ViTEncoder, find_encoder,
+                                   merge_encoder)
 
 ENCODER_EXPORT = "encoder_params.msgpack"
 
@@ -443,7 +444,7 @@ class ViTClassifierTask(_ImageTask):
     self.pretrained = None
     if config.pretrained:
       from datong.train.warmstart import load_pretrained  # pylint: disable=import-outside-toplevel
-      self.pretrained = load_pretrained(config.pretrained)
+      self.pretrained = find_encoder(load_pretrained(config.pretrained))  # fails at build
 
   def batch_spec(self, batch_size):
     return _spec(batch_size, self.config.model)
