@@ -24,7 +24,13 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with decoupled weight decay, warmup + decay schedule, clipping."""
+  """AdamW or Muon with decoupled weight decay, warmup + decay schedule, clipping.
+
+  ``algorithm="muon"`` orthogonalizes the momentum of the hidden matrices
+  (the leaves the task decays) and runs Adam on everything else, with one
+  learning rate: Muon's updates are scaled to AdamW's RMS (see optim.py).
+  """
+  algorithm: str = "adamw"  # adamw | muon
   learning_rate: float = 1e-3
   schedule: str = "cosine"  # cosine | linear | constant
   warmup_steps: int = 0
@@ -34,8 +40,11 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   grad_clip_norm: Optional[float] = 1.0  # None: no clipping
+  muon_momentum: float = 0.95  # Muon's Nesterov momentum (algorithm="muon" only)
 
   def __post_init__(self):
+    if self.algorithm not in ("adamw", "muon"):
+      raise ValueError(f"OptimizerConfig.algorithm={self.algorithm!r}: choose adamw or muon.")
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: choose cosine, linear or constant.")
     if self.learning_rate <= 0:
