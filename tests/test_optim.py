@@ -52,7 +52,7 @@ def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values(shape
 
 def test_muon_is_adam_off_the_matrices_and_orthogonal_momentum_on_them():
   params = {"kernel": jnp.ones((8, 2, 6)), "bias": jnp.ones((6,)), "embedding": jnp.ones((5, 6))}
-  mask = {"kernel": True, "bias": False, "embedding": False}
+  mask = {"kernel": True, "bias": True, "embedding": False}  # a vector is never a matrix
   muon = optim.scale_by_muon(mask, momentum=0.9, b1=0.8, b2=0.95, eps=1e-8)
   adam = optax.scale_by_adam(b1=0.8, b2=0.95, eps=1e-8)
   m_state, a_state = muon.init(params), adam.init(params)

@@ -109,7 +109,7 @@ class MuonAdamState(NamedTuple):
 
 def scale_by_muon(matrix_mask, *, momentum: float, b1: float, b2: float,
                   eps: float) -> optax.GradientTransformation:
-  """Muon on the ``matrix_mask`` leaves (None: every leaf of >= 2 axes), Adam on the others.
+  """Muon on the ``matrix_mask`` leaves of >= 2 axes (None: all of them), Adam on the others.
 
   Matrix leaves: Nesterov momentum, orthogonalized in their 2-D view
   (``as_matrix_shape``) and scaled by ``0.2 * sqrt(max(rows, cols))`` so the
@@ -126,8 +126,9 @@ def scale_by_muon(matrix_mask, *, momentum: float, b1: float, b2: float,
     count = optax.safe_increment(state.count)
     treedef = jax.tree.structure(updates)
     grads, mus, nus = (treedef.flatten_up_to(t) for t in (updates, state.mu, state.nu))
-    is_matrix = treedef.flatten_up_to(
-        jax.tree.map(lambda u: u.ndim >= 2, updates) if matrix_mask is None else matrix_mask)
+    marked = ([True] * len(grads) if matrix_mask is None
+              else treedef.flatten_up_to(matrix_mask))
+    is_matrix = [m and g.ndim >= 2 for m, g in zip(marked, grads)]  # vectors stay on Adam
     new_updates = list(grads)
     matrix_ids = [i for i, m in enumerate(is_matrix) if m]
     views = []
