@@ -21,11 +21,11 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from datong.train import data as data_lib  # pylint: disable=wrong-import-position
 from datong.train import loop  # pylint: disable=wrong-import-position
 from datong.train.config import (MeshConfig, OptimizerConfig, RunConfig,  # pylint: disable=wrong-import-position
                                  TrainConfig)
 from engine_task import DigitsTaskConfig  # pylint: disable=wrong-import-position
+from step_time import step_runner  # pylint: disable=wrong-import-position
 
 
 def config(args, steps):
@@ -38,19 +38,7 @@ def config(args, steps):
 
 
 def bare_step_time(args) -> float:
-  workdir = tempfile.mkdtemp()
-  trainer = loop.Trainer(config(args, args.steps), workdir)
-  state = trainer.init_state()
-  batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
-  for _ in range(3):  # compile + warm up
-    state, metrics = trainer.step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = trainer.step(state, batch)
-  jax.block_until_ready((state, metrics))
-  shutil.rmtree(workdir)
-  return (time.perf_counter() - start) / args.steps
+  return step_runner(config(args, args.steps))(args.steps)
 
 
 def loop_step_time(args) -> float:

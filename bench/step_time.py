@@ -18,13 +18,14 @@ import jax
 
 from datong.train import data as data_lib
 from datong.train import loop, recipes
-from datong.train.config import override
+from datong.train.config import RunConfig, override
 
 
-def step_runner(recipe: str, assignments: dict[str, str]):
-  """A zero-argument callable that runs ``n`` steps and returns seconds per step."""
-  cfg = recipes.get(recipe)
-  cfg = override(cfg, assignments) if assignments else cfg
+def step_runner(cfg: RunConfig):
+  """A callable ``run(n)``: ``n`` more steps on one batch, in seconds per step.
+
+  The step is compiled and warmed up here, so ``run`` times only steps.
+  """
   trainer = loop.Trainer(cfg, tempfile.mkdtemp())
   state = trainer.init_state()
   batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
@@ -49,7 +50,8 @@ def main():
   parser.add_argument("--steps", type=int, default=15)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  runners = {v: step_runner(args.recipe, dict(kv.split("=", 1) for kv in v.split(",") if kv))
+  runners = {v: step_runner(override(recipes.get(args.recipe),
+                                    dict(kv.split("=", 1) for kv in v.split(",") if kv)))
              for v in args.variants}
   times = {v: [] for v in args.variants}
   for _ in range(args.repeats):

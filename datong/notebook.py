@@ -278,8 +278,6 @@ def _rng(rng) -> jax.Array:
   return jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
 
 
-
-
 def init(model: nn.Module, *inputs, rng=0, **kwargs):
   """The ``params`` collection of ``model`` (on ``example_inputs`` by default).
 

@@ -50,7 +50,8 @@ def _freeze(trainable) -> optax.GradientTransformation:
 
 
 # Quintic Newton-Schulz coefficients from Muon (Jordan et al., 2024): five
-# steps take every singular value of a unit-norm matrix into ~[0.7, 1.2].
+# steps take singular values spread over 0.1-10 into 0.68-1.13 (measured on
+# the matrices of tests/test_optim.py).
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _NS_STEPS = 5
 
@@ -89,15 +90,13 @@ def _orthogonalize_all(matrices: list[jax.Array]) -> list[jax.Array]:
   A model's many small kernels share a few shapes, so this runs a few
   batched iterations instead of one per kernel: fewer, larger matmuls.
   """
-  wide = [m if m.shape[0] <= m.shape[1] else m.T for m in matrices]
-  groups: dict[tuple[int, int], list[int]] = {}
-  for i, m in enumerate(wide):
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, m in enumerate(matrices):
     groups.setdefault(m.shape, []).append(i)
   out: list[Any] = [None] * len(matrices)
   for indices in groups.values():
-    stacked = orthogonalize(jnp.stack([wide[i] for i in indices]))
-    for i, o in zip(indices, stacked):
-      out[i] = o if matrices[i].shape[0] <= matrices[i].shape[1] else o.T
+    for i, o in zip(indices, orthogonalize(jnp.stack([matrices[i] for i in indices]))):
+      out[i] = o
   return out
 
 
