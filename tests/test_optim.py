@@ -92,3 +92,5 @@ def test_muon_trains_and_gives_the_same_losses_when_fsdp_shards_its_matrices(tmp
 def test_unknown_algorithm_names_the_choices():
   with pytest.raises(ValueError, match="choose adamw or muon"):
     OptimizerConfig(algorithm="sgd")
+  with pytest.raises(ValueError, match="muon_momentum=1.0: must be in"):
+    OptimizerConfig(algorithm="muon", muon_momentum=1.0)

@@ -45,6 +45,8 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.algorithm not in ("adamw", "muon"):
       raise ValueError(f"OptimizerConfig.algorithm={self.algorithm!r}: choose adamw or muon.")
+    if not 0.0 <= self.muon_momentum < 1.0:
+      raise ValueError(f"OptimizerConfig.muon_momentum={self.muon_momentum}: must be in [0, 1).")
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: choose cosine, linear or constant.")
     if self.learning_rate <= 0:
