@@ -1,8 +1,10 @@
 """Recipes: short Python files registered by name.
 
 Each module in this package defines ``NAME`` (e.g. ``"gpt-pydoc"``) and
-``config() -> datong.train.config.RunConfig``; its docstring states the
-expected result and time. Adding a recipe is adding a file here.
+``config() -> datong.train.config.RunConfig``, and ``METRIC`` (its headline
+``eval/...`` metric) with ``TARGET`` (``(">=" | "<", bound)``, or None when the
+number is only reported), which ``bench/recipes.py`` checks and records. Its
+docstring states what it trains. Adding a recipe is adding a file here.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.unimodal.text import BERTTaskConfig, TextConfig
 
 NAME = "bert-pydoc"
+METRIC = "eval/mlm_accuracy"
+TARGET = None  # reported
 
 
 def config() -> RunConfig:

@@ -29,6 +29,8 @@ from datong.unimodal.vision import ViTConfig
 from datong.unimodal.vision_tasks import ImageData
 
 NAME = "clip-digits"
+METRIC = "eval/zero_shot_accuracy"
+TARGET = (">=", 0.95)
 
 
 def digit_classes() -> tuple:

@@ -36,6 +36,8 @@ from datong.unimodal.vision import ViTConfig
 from datong.unimodal.vision_tasks import ImageData, MAETaskConfig, ProbeConfig
 
 NAME = "mae-digits"
+METRIC = "eval/linear_probe_accuracy"
+TARGET = (">=", 0.95)
 
 
 def config() -> RunConfig:

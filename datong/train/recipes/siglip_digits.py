@@ -26,6 +26,8 @@ import dataclasses
 from datong.train.recipes import clip_digits
 
 NAME = "siglip-digits"
+METRIC = "eval/zero_shot_accuracy"
+TARGET = (">=", 0.95)
 
 
 def config():

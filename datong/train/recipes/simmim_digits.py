@@ -22,6 +22,8 @@ from datong.unimodal.vision import ViTConfig
 from datong.unimodal.vision_tasks import ImageData, ProbeConfig, SimMIMTaskConfig
 
 NAME = "simmim-digits"
+METRIC = "eval/linear_probe_accuracy"
+TARGET = None  # reported
 
 
 def config() -> RunConfig:

@@ -35,6 +35,8 @@ from datong.unimodal.vision import ViTConfig
 from datong.unimodal.vision_tasks import ImageData, ViTClassifierConfig
 
 NAME = "vit-digits"
+METRIC = "eval/accuracy"
+TARGET = (">=", 0.98)
 
 
 def config() -> RunConfig:
