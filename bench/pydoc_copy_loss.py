@@ -27,7 +27,8 @@ import numpy as np
 
 from datong.train import recipes
 from datong.train.checkpoint import load_params
-from datong.unimodal.text import cross_entropy, load_documents
+from datong.ops.losses import cross_entropy
+from datong.train.tasks.text import load_documents
 
 GRAM = 16
 CLASSES = ((0, 16), (16, 32), (32, 128), (128, None))

@@ -117,6 +117,18 @@ class TransformerConfig:
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
 
+  def flops_per_token(self, length: int, *, causal: bool = False) -> float:
+    """Training FLOPs (3x forward) per token of one pass over ``length`` tokens.
+
+    Forward per token: 2 * matmul params (q, k, v, out, mlp) + attention
+    scores and values (2 * 2 * length * width, halved when causal).
+    """
+    kv_width = self.resolved_kv_heads * self.resolved_head_dim
+    attn_proj = 2 * self.width * self.width + 2 * self.width * kv_width
+    mlp = (3 if self.activation in ("swiglu", "geglu") else 2) * self.width * self.mlp_dim
+    attn = 2 * 2 * length * self.width * (0.5 if causal else 1.0)
+    return 3.0 * self.depth * (2.0 * (attn_proj + mlp) + attn)
+
   @classmethod
   def preset(cls, name: str, **overrides) -> "TransformerConfig":
     """A published size by name (see ``PRESETS``), with field overrides."""

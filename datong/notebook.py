@@ -30,7 +30,6 @@ every backbone of the model (both CLIP towers, MAE's encoder and decoder).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 import tempfile
@@ -41,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, Transformer, TransformerConfig,
-                             count_params, params_collection)
+from datong import registry
+from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, TransformerConfig, count_params,
+                             params_collection)
 from datong.ops.attention import IMPLEMENTATIONS
 
 __all__ = [
@@ -53,15 +53,8 @@ __all__ = [
     "with_attention", "zero_shot_predict",
 ]
 
-KINDS = {
-    "gpt": "causal LM (datong.unimodal.text.GPT)",
-    "bert": "masked LM (datong.unimodal.text.BERT)",
-    "vit": "ViT classifier (datong.unimodal.vision.ViTClassifier)",
-    "vit_encoder": "ViT encoder, no head (datong.unimodal.vision.ViTEncoder)",
-    "mae": "masked autoencoder (datong.unimodal.masked_image.MAE)",
-    "simmim": "SimMIM (datong.unimodal.masked_image.SimMIM)",
-    "clip": "image-text two towers (datong.multimodal.clip.CLIP)",
-}
+# Model kinds ``build`` knows: the registry's table (``datong.registry``).
+KINDS = {name: kind.description for name, kind in registry.KINDS.items()}
 
 
 def quick_compile() -> bool:
@@ -91,99 +84,30 @@ def _choices(what: str, name, valid) -> ValueError:
 
 # ------------------------------------------------------------- overrides --
 
-def _leaf_names(config) -> list[str]:
-  from datong.train.config import field_names  # pylint: disable=import-outside-toplevel
-  return field_names(config, nodes=True)
-
-
-def _node(config, dotted: str):
-  for part in dotted.split(".")[:-1] if dotted else ():
-    config = getattr(config, part)
-  return config
-
-
 def resolve_overrides(config, overrides: Mapping[str, Any]) -> dict[str, Any]:
-  """``{name: value}`` -> ``{dotted path: value}`` on the dataclass tree ``config``.
-
-  A name is a dotted path (``__`` works as a dot) or its end (``depth``,
-  ``decoder.depth``, ``probe.features``) when that matches one field; a
-  backbone field's name may match every backbone (``TransformerConfig``) in
-  the tree at once.
-  """
-  names = _leaf_names(config)
-  out = {}
-  for key, value in overrides.items():
-    path = key.replace("__", ".")
-    if path in names:
-      out[path] = value
-      continue
-    matches = [n for n in names if n.endswith("." + path)]
-    backbone = [m for m in matches if isinstance(_node(config, m), TransformerConfig)]
-    if not matches:
-      short = sorted({n.rsplit(".", 1)[-1] for n in names})
-      close = difflib.get_close_matches(path.rsplit(".", 1)[-1], short, n=3)
-      hint = f" Did you mean {', '.join(close)}?" if close else ""
-      raise ValueError(f"Unknown setting {key!r} for {type(config).__name__}.{hint} Valid "
-                       f"names: {', '.join(short)} (or a dotted path ending in one, e.g. "
-                       f"{max(names, key=lambda n: n.count('.'))!r}).")
-    if len(matches) > 1 and len(backbone) != len(matches):
-      raise ValueError(f"Setting {key!r} is ambiguous in {type(config).__name__}: "
-                       f"{', '.join(matches)}. Pass a longer dotted path, e.g. "
-                       f"**{{{matches[0]!r}: ...}}.")
-    out.update({m: value for m in matches})
-  return out
+  """``{name: value}`` -> ``{dotted path: value}``: the CLI's resolver
+  (``datong.train.config.resolve_names``), nested dataclasses included."""
+  from datong.train.config import resolve_names  # pylint: disable=import-outside-toplevel
+  return resolve_names(config, dict(overrides), nodes=True)
 
 
 def _override(config, overrides: Mapping[str, Any]):
   from datong.train.config import replace_fields  # pylint: disable=import-outside-toplevel
-  return replace_fields(config, resolve_overrides(config, overrides)) if overrides else config
+  return replace_fields(config, dict(overrides)) if overrides else config
 
 
 # ----------------------------------------------------------------- build --
 
-def _module_classes():
-  from datong.multimodal.clip import CLIP, ClipConfig  # pylint: disable=import-outside-toplevel
-  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.text import BERT, GPT, TextConfig  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder  # pylint: disable=import-outside-toplevel
-  return {"gpt": (GPT, TextConfig), "bert": (BERT, TextConfig), "vit": (ViTClassifier, ViTConfig),
-          "vit_encoder": (ViTEncoder, ViTConfig), "mae": (mim.MAE, mim.MAEConfig),
-          "simmim": (mim.SimMIM, mim.SimMIMConfig), "clip": (CLIP, ClipConfig)}
-
-
-def _default_config(kind: str, bb: TransformerConfig):
-  from datong.multimodal.clip import ClipConfig  # pylint: disable=import-outside-toplevel
-  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.text import TextConfig  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.vision import ViTConfig  # pylint: disable=import-outside-toplevel
-  if kind == "gpt":
-    return TextConfig(backbone=bb)
-  if kind == "bert":
-    return TextConfig(backbone=bb, positions="learned")
-  if kind in ("vit", "vit_encoder"):
-    return ViTConfig(bb)
-  if kind == "mae":
-    return mim.MAEConfig(ViTConfig(bb), decoder=bb.replace(depth=max(1, bb.depth // 2)))
-  if kind == "simmim":
-    return mim.SimMIMConfig(ViTConfig(bb, mask_token=True))
-  return ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
-                                                         max_length=64))
-
-
-def _recipe_model(kind: str, name: str):
+def _recipe_model(kind: registry.ModelKind, name: str):
   """``(model config, module kwargs)`` of recipe ``name``'s task."""
   from datong.train import recipes  # pylint: disable=import-outside-toplevel
   task = recipes.get(name).task
   task = getattr(task, "task", task)  # a WarmStartConfig's inner task
   config = getattr(task, "model", None)
-  _, config_cls = _module_classes()[kind]
-  if not isinstance(config, config_cls):
-    raise ValueError(f"recipe {name!r} trains a {type(config).__name__}, not a {kind} "
-                     f"({config_cls.__name__}); pick another kind or preset.")
-  kwargs = {}
-  if kind == "vit" and hasattr(task, "num_classes"):
-    kwargs["num_classes"] = task.num_classes
-  return config, kwargs
+  if not isinstance(config, kind.config):
+    raise ValueError(f"recipe {name!r} trains a {type(config).__name__}, not a {kind.name} "
+                     f"({kind.config.__name__}); pick another kind or preset.")
+  return config, kind.module_kwargs(task)
 
 
 def _module_fields(cls) -> list[str]:
@@ -203,27 +127,25 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
   Returns:
     the module; ``model.config`` is its config dataclass.
   """
-  classes = _module_classes()
-  if kind not in classes:
-    raise _choices("model kind", kind, list(KINDS))
-  cls, _ = classes[kind]
-  kwargs = {}
+  if kind not in registry.KINDS:
+    raise _choices("model kind", kind, list(registry.KINDS))
+  entry = registry.KINDS[kind]
+  cls = entry.module
   if preset in PRESETS:
-    config = _default_config(kind, TransformerConfig.preset(preset))
-    if kind == "vit":
-      kwargs["num_classes"] = 1000
+    config = entry.default_config(TransformerConfig.preset(preset))
+    kwargs = dict(entry.module_defaults)
   else:
     from datong.train import recipes  # pylint: disable=import-outside-toplevel
     if preset not in recipes.names():
       raise _choices("preset", preset, sorted(PRESETS) + recipes.names())
-    config, kwargs = _recipe_model(kind, preset)
+    config, kwargs = _recipe_model(entry, preset)
   module_fields = _module_fields(cls)
   kwargs.update({k: v for k, v in overrides.items() if k in module_fields})
   config_overrides = {k: v for k, v in overrides.items() if k not in module_fields}
   try:
     config = _override(config, config_overrides)
   except ValueError as e:
-    if module_fields and str(e).startswith("Unknown setting"):
+    if module_fields and str(e).startswith("Unknown config key"):
       raise ValueError(f"{e} Module fields of {cls.__name__}: {', '.join(module_fields)}.") from None
     raise
   return cls(config, **kwargs)
@@ -231,47 +153,15 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
 
 # ----------------------------------------------------- init, apply, count --
 
-def _ids(rng: np.random.Generator, batch: int, length: int, vocab: int) -> jnp.ndarray:
-  return jnp.asarray(rng.integers(0, min(vocab, 256), (batch, length)), jnp.int32)
-
-
 def example_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> tuple:
-  """Positional inputs a ``model`` from ``build`` accepts (random, fixed seed).
+  """Positional inputs a ``model`` from ``build`` accepts (random, fixed seed):
+  the registry's ``example_inputs`` of its kind (``datong.registry``).
 
   Text: ids ``[batch, 16]``; images: ``[batch, h, w, c]`` normal noise;
   MAE adds ``keep_indices, restore_indices`` (75% masked), SimMIM a mask;
   CLIP images and ids; ``Transformer``: ``[batch, 16, width]`` embeddings.
   """
-  from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
-  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.text import BERT, GPT  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.vision import ViTClassifier, ViTEncoder  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-  cfg = model.config
-
-  def images(vit):
-    h, w = vit.image_size
-    return jnp.asarray(rng.standard_normal((batch, h, w, vit.channels)), jnp.float32)
-
-  if isinstance(model, (GPT, BERT)):
-    return (_ids(rng, batch, min(16, cfg.max_length), cfg.vocab_size),)
-  if isinstance(model, (ViTClassifier, ViTEncoder)):
-    return (images(cfg),)
-  if isinstance(model, mim.MAE):
-    m = mim.random_masking(jax.random.PRNGKey(seed), batch, cfg.encoder.num_patches,
-                           cfg.mask_ratio)
-    return (images(cfg.encoder), m.keep_indices, m.restore_indices)
-  if isinstance(model, mim.SimMIM):
-    return (images(cfg.encoder), mim.simmim_masking(jax.random.PRNGKey(seed), batch, cfg))
-  if isinstance(model, CLIP):
-    ids = np.array(_ids(rng, batch, cfg.text.max_length, cfg.text.vocab_size))
-    ids[:, -1] = model.eos_id
-    return (images(cfg.image), jnp.asarray(ids))
-  if isinstance(model, Transformer):
-    return (jnp.asarray(rng.standard_normal((batch, 16, cfg.width)), jnp.float32),)
-  raise TypeError(f"example_inputs: no example inputs for {type(model).__name__}; supported: "
-                  "GPT, BERT, ViTClassifier, ViTEncoder, MAE, SimMIM, CLIP, Transformer "
-                  "(or pass inputs yourself).")
+  return registry.example_inputs(model, batch, seed)
 
 
 def _rng(rng) -> jax.Array:
@@ -812,9 +702,9 @@ def reconstruct(model: nn.Module, params, images, rng=0) -> dict:
   ``mask`` ``[n, patches]`` and the float ``loss`` (the model's training
   loss on these images and this mask).
   """
-  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  if not isinstance(model, (mim.MAE, mim.SimMIM)):
-    raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
+  if not hasattr(model, "masked_prediction"):
+    raise TypeError(f"reconstruct needs a masked-image model (MAE, SimMIM); "
+                    f"got {type(model).__name__}.")
   images = jnp.asarray(images, jnp.float32)
   out = _reconstruction(model)(params_collection(params), images, _rng(rng))
   return {"images": np.asarray(images), "masked": np.asarray(out["masked"]),
@@ -835,7 +725,7 @@ def tokenizer_of(source="byte"):
   ``FitResult`` whose task's tokenizer it returns (a ``bpe:VOCAB`` task
   learns its merges from its train split)."""
   from datong.train import recipes  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.text import make_tokenizer  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.text import make_tokenizer  # pylint: disable=import-outside-toplevel
   if hasattr(source, "encode") and hasattr(source, "decode"):
     return source
   if isinstance(source, str) and source not in recipes.names():
@@ -854,10 +744,10 @@ def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64
   ``tokenizer``: anything ``tokenizer_of`` takes; pass the run
   (``tokenizer=run``) or its recipe name for a model trained with a
   learned vocabulary. Each prompt is ``<bos> + tokens`` as in training;
-  decoding uses the KV cache (``datong.unimodal.text.generate``) and stops
+  decoding uses the KV cache (``datong.unimodal.generation.generate``) and stops
   at ``<eos>``; ``max_new_tokens`` counts tokens, not bytes.
   """
-  from datong.unimodal.text import generate  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.generation import generate  # pylint: disable=import-outside-toplevel
   tok = tokenizer_of(tokenizer)
   vocab = model.config.vocab_size
   if tok.vocab_size > vocab or (tok.vocab_size == 262 and vocab != 262):
@@ -918,22 +808,10 @@ def _natural(path: str) -> list:
           for p in path.split("/")]
 
 
-def _vit_encoder(model: nn.Module, params):
-  """``(ViTEncoder, its params)`` inside a ViT / MAE / SimMIM / CLIP model."""
-  from datong.multimodal.clip import CLIP  # pylint: disable=import-outside-toplevel
-  from datong.unimodal import masked_image as mim  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.vision import ViTClassifier, ViTEncoder  # pylint: disable=import-outside-toplevel
-  params = params_collection(params)
-  if isinstance(model, ViTEncoder):
-    return model, params
-  if isinstance(model, ViTClassifier):
-    return ViTEncoder(model.config), params["encoder"]
-  if isinstance(model, (mim.MAE, mim.SimMIM)):
-    return ViTEncoder(model.config.encoder), params["encoder"]
-  if isinstance(model, CLIP) and not model.config.share_backbone:
-    return ViTEncoder(model.config.image), params["image"]["encoder"]
-  raise TypeError(f"attention_maps needs a ViT image encoder (ViTEncoder, ViTClassifier, MAE, "
-                  f"SimMIM, or CLIP without a shared backbone); got {type(model).__name__}.")
+def _image_encoder(model: nn.Module, params):
+  """``(encoder module, its params)`` inside any model with an image encoder."""
+  config, enc_params = registry.encoder_of(model, params_collection(params))
+  return config.make(), enc_params
 
 
 def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndarray:
@@ -944,7 +822,7 @@ def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndar
   patch receives, averaged over the queries. ``layer`` indexes the
   backbone's layers (-1: the last).
   """
-  encoder, enc_params = _vit_encoder(model, params)
+  encoder, enc_params = _image_encoder(model, params)
   weights = list(attention_weights(encoder, enc_params, jnp.asarray(images, jnp.float32)).values())
   depth = len(weights)
   if not -depth <= layer < depth:

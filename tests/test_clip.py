@@ -230,6 +230,7 @@ import flax.linen as nn  # noqa: E402
 
 from datong.backbone import TransformerConfig  # noqa: E402
 from datong.multimodal import clip  # noqa: E402
+from datong.train.tasks import clip as clip_tasks  # noqa: E402
 from datong.unimodal.text import TextConfig  # noqa: E402
 from datong.unimodal.tokenizers import ByteTokenizer  # noqa: E402
 from datong.unimodal.vision import ViTConfig  # noqa: E402
@@ -256,7 +257,16 @@ def test_towers_share_one_backbone_class_and_optionally_its_weights(share):
   assert float(aux["scale"]) == pytest.approx(10.0) and float(aux["bias"]) == -10.0
   if share:
     assert "backbone" in params and "backbone" not in params["text"]
-    assert set(params["image"]) == {"stem", "head"}
+    assert set(params["image"]) == {"encoder", "head"}
+    assert set(params["image"]["encoder"]) == {"stem"}  # the shared backbone runs inside
+    # A checkpoint of the layout before the encoder protocol (image/stem) still loads.
+    from datong.train import warmstart  # pylint: disable=import-outside-toplevel
+    old = {**params, "image": {"stem": params["image"]["encoder"]["stem"],
+                               "head": params["image"]["head"]}}
+    old = jax.tree.map(lambda a: a + 1.0, old)
+    merged = warmstart.merge(params, old)
+    np.testing.assert_array_equal(merged["image"]["encoder"]["stem"]["projection"]["kernel"],
+                                  old["image"]["stem"]["projection"]["kernel"])
   else:
     assert "backbone" not in params and "backbone" in params["image"]["encoder"]
     assert "backbone" in params["text"]
@@ -277,10 +287,10 @@ def test_text_embedding_ignores_padding(pool, causal):
 def test_caption_augmentation_deletes_and_inserts_words():
   rng = np.random.default_rng(0)
   caption = b"the scan of one handwritten seven"
-  assert clip.augment_caption(caption, rng) == caption.decode()
+  assert clip_tasks.augment_caption(caption, rng) == caption.decode()
   words = caption.decode().split()
   for _ in range(20):
-    out = clip.augment_caption(caption, rng, word_dropout=0.3, noise_words=1.0).split()
+    out = clip_tasks.augment_caption(caption, rng, word_dropout=0.3, noise_words=1.0).split()
     kept = [w for w in out if w in words]
     assert kept == [w for w in words if w in kept]  # order kept, only deletions
     assert all(w.isalpha() and w.islower() for w in out)
@@ -323,7 +333,7 @@ def test_siglip_recipe_with_lit_locks_every_image_parameter_bitwise(tmp_path):
   from an exported encoder and locked; every image leaf stays bitwise equal."""
   from datong.train import loop  # pylint: disable=import-outside-toplevel
   from datong.train.checkpoint import load_params  # pylint: disable=import-outside-toplevel
-  from datong.unimodal.vision_tasks import export_encoder  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.vision import export_encoder  # pylint: disable=import-outside-toplevel
   # A "pretrained" encoder: the same ViT initialized from another seed.
   model = clip.CLIP(_model(length=48))
   other = nn.unbox(model.init(jax.random.PRNGKey(42), jnp.zeros((1, 8, 8, 1)),

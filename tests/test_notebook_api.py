@@ -172,7 +172,7 @@ def test_reconstruct_keeps_visible_pixels_and_masks_the_rest():
   fig = dn.show_images([out["images"], out["masked"], out["reconstruction"]],
                        row_titles=["input", "masked", "output"])
   assert len(fig.axes) == 9
-  with pytest.raises(TypeError, match="MAE or SimMIM"):
+  with pytest.raises(TypeError, match="masked-image model \\(MAE, SimMIM\\)"):
     dn.reconstruct(_vit(), params, images)
 
 
@@ -188,7 +188,7 @@ def test_confusion_matrix():
 def test_warm_start_loads_a_hugging_face_directory(tmp_path):
   from datong import hf
   from datong.train.warmstart import WarmStartConfig
-  from datong.unimodal.text import GPTTaskConfig
+  from datong.train.tasks.text import GPTTaskConfig
   gpt = dn.build("gpt", "tiny", positions="learned", max_length=32, width=32, heads=4,
                  mlp_dim=64, depth=1, activation="gelu_tanh", norm_eps=1e-5)
   trained = jax.tree.map(lambda x: x + 0.5, nn.unbox(dn.init(gpt, rng=_key(7))))
@@ -212,7 +212,8 @@ class _Spec(dict):
 
 
 def test_fit_runs_the_engine_and_the_loss_decreases(tmp_path):
-  from datong.unimodal.text import GPTTaskConfig, TextConfig
+  from datong.train.tasks.text import GPTTaskConfig
+  from datong.unimodal.text import TextConfig
   model = TextConfig(backbone=datong.TransformerConfig(width=32, depth=1, heads=4, mlp_dim=64))
   run = dn.fit(GPTTaskConfig(model=model, seq_length=32), steps=30, batch_size=8,
                learning_rate=3e-3, warmup_steps=3, workdir=str(tmp_path / "run"), evaluate=False,

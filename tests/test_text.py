@@ -13,11 +13,12 @@ from pydoc_data.topics import topics
 
 from datong.backbone import TransformerConfig
 from datong.train.datasets import pydoc_split_titles
-from datong.unimodal import text
-from datong.unimodal.text import (BERT, GPT, ByteTokenizer, SequenceClassifier,
-                                  TextConfig, TokenEmbedding)
-from datong.unimodal.tokenizers import (BPETokenizer, HFTokenizer, SentencePieceTokenizer,
-                                        special_ids)
+from datong.train import warmstart
+from datong.train.tasks import text as text_tasks
+from datong.unimodal import generation, text
+from datong.unimodal.text import BERT, GPT, SequenceClassifier, TextConfig, TokenEmbedding
+from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
+                                        SentencePieceTokenizer, special_ids, token_byte_lengths)
 
 TOK = ByteTokenizer()
 
@@ -75,7 +76,7 @@ def test_bpe_learns_deterministic_merges_that_round_trip_any_bytes(tmp_path):
     data = rng.integers(0, 256, rng.integers(0, 60)).astype(np.uint8).tobytes() + b" the return"
     assert b"".join(tok.token_bytes[i] for i in tok.encode_bytes(data)) == data
   # Exact bytes per id: bits per byte divide by the true UTF-8 length.
-  assert text.token_byte_lengths(tok)[ids].sum() == len(held.encode())
+  assert token_byte_lengths(tok)[ids].sum() == len(held.encode())
   tok.save(str(tmp_path / "bpe.json"))
   assert BPETokenizer.load(str(tmp_path / "bpe.json")).encode(held) == ids
   (tmp_path / "bad.json").write_text('{"format": "datong-bpe-v1", "merges": [[300, 1]]}')
@@ -87,11 +88,11 @@ def test_bpe_learns_deterministic_merges_that_round_trip_any_bytes(tmp_path):
 
 
 def test_bpe_spec_learns_from_the_train_split_and_checks_the_model_vocab():
-  tok = text.make_tokenizer("bpe:400", ("pydoc_text", "train", "text"))
+  tok = text_tasks.make_tokenizer("bpe:400", ("pydoc_text", "train", "text"))
   assert isinstance(tok, BPETokenizer) and tok.vocab_size == 400
   with pytest.raises(ValueError, match="no.*to learn from"):
-    text.make_tokenizer("bpe:400")
-  cfg = text.GPTTaskConfig(model=_cfg(vocab_size=300), tokenizer="bpe:400", seq_length=64,
+    text_tasks.make_tokenizer("bpe:400")
+  cfg = text_tasks.GPTTaskConfig(model=_cfg(vocab_size=300), tokenizer="bpe:400", seq_length=64,
                            eval_stride=32)
   with pytest.raises(ValueError, match="task.model.vocab_size=400"):
     cfg.build()
@@ -100,7 +101,7 @@ def test_bpe_spec_learns_from_the_train_split_and_checks_the_model_vocab():
   held = "".join(topics[t] for t in pydoc_split_titles()["validation"]).encode("utf-8")
   assert np.sum(rows["byte_counts"] * rows["loss_weights"]) == len(held)
   with pytest.raises(ValueError, match="bpe:VOCAB_SIZE"):
-    text.make_tokenizer("wordpiece")
+    text_tasks.make_tokenizer("wordpiece")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is None,
@@ -143,7 +144,7 @@ def test_adapters_name_the_missing_package(monkeypatch):
 # ------------------------------------------------------------------- packing
 
 def test_pack_documents_rows_segments_and_positions():
-  out = text.pack_documents([[1, 2, 3], [4, 5, 6, 7, 8], [9]], 4, pad_values=0)
+  out = text_tasks.pack_documents([[1, 2, 3], [4, 5, 6, 7, 8], [9]], 4, pad_values=0)
   np.testing.assert_array_equal(out["ids"], [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 0, 0]])
   np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 1], [1, 0, 0, 0]])
   np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0], [0, 1, 2, 3], [0, 0, 0, 0]])
@@ -155,9 +156,9 @@ def test_packed_segments_are_isolated(kind):
   cfg = _cfg(positions="learned", max_length=32) if kind == "bert" else _cfg()
   model = GPT(cfg) if kind == "gpt" else BERT(cfg)
   docs = [list(range(10, 17)), list(range(40, 45)), list(range(70, 79))]
-  a = text.pack_documents(docs, 24)
+  a = text_tasks.pack_documents(docs, 24)
   docs[1] = [200, 201, 202, 203, 204]
-  b = text.pack_documents(docs, 24)
+  b = text_tasks.pack_documents(docs, 24)
   params = _init(model, jnp.asarray(a["ids"]), segment_ids=jnp.asarray(a["segment_ids"]))
 
   forward = jax.jit(lambda ids, seg, pos: model.apply(
@@ -172,7 +173,7 @@ def test_packed_segments_are_isolated(kind):
   np.testing.assert_allclose(la[other], lb[other], rtol=1e-5, atol=1e-5)
   assert not np.allclose(la[seg == 2], lb[seg == 2])
   # A document packed after others gives the same logits as alone.
-  alone = text.pack_documents([docs[2]], 24)
+  alone = text_tasks.pack_documents([docs[2]], 24)
   np.testing.assert_allclose(logits(alone)[alone["segment_ids"] > 0], lb[seg == 3],
                              rtol=1e-5, atol=1e-5)
 
@@ -295,7 +296,7 @@ def test_kv_cache_greedy_equals_full_recompute_with_padding(positions):
     for i, p in enumerate(prompts):
       sl = slice(plen - len(p), plen) if padding == "left" else slice(0, len(p))
       ids[i, sl], mask[i, sl] = p, True
-    out = text.generate(model, params, jnp.asarray(ids), jnp.asarray(mask),
+    out = generation.generate(model, params, jnp.asarray(ids), jnp.asarray(mask),
                         max_new_tokens=steps, padding=padding, eos_id=eos, pad_id=0)
     for i, ref in enumerate(refs):
       got = np.asarray(out["tokens"][i])
@@ -307,14 +308,14 @@ def test_kv_cache_greedy_equals_full_recompute_with_padding(positions):
 def test_sampling_respects_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
   keys = jax.random.PRNGKey(0)
-  k2 = text.sample_logits(keys, logits, temperature=1.0, top_k=2)
+  k2 = generation.sample_logits(keys, logits, temperature=1.0, top_k=2)
   assert set(np.unique(k2)) == {0, 1}
-  p = text.sample_logits(keys, logits, temperature=1.0, top_p=0.7)  # {0.5, 0.3} reach 0.7
+  p = generation.sample_logits(keys, logits, temperature=1.0, top_p=0.7)  # {0.5, 0.3} reach 0.7
   assert set(np.unique(p)) == {0, 1}
   assert abs(np.mean(np.asarray(p) == 0) - 0.5 / 0.8) < 0.05
-  full = text.sample_logits(keys, logits, temperature=1.0)
+  full = generation.sample_logits(keys, logits, temperature=1.0)
   assert set(np.unique(full)) == {0, 1, 2, 3}
-  np.testing.assert_array_equal(text.sample_logits(keys, logits), 0)
+  np.testing.assert_array_equal(generation.sample_logits(keys, logits), 0)
 
 
 def test_sampled_generation_is_jitted_and_deterministic():
@@ -323,8 +324,8 @@ def test_sampled_generation_is_jitted_and_deterministic():
   params = _init(model, _ids((1, 4)))
   prompts = _ids((2, 4))
   kw = dict(max_new_tokens=5, temperature=0.8, top_k=20, top_p=0.9, pad_id=TOK.pad_id)
-  a = text.generate(model, params, prompts, rng=jax.random.PRNGKey(1), **kw)
-  b = text.generate(model, params, prompts, rng=jax.random.PRNGKey(1), **kw)
+  a = generation.generate(model, params, prompts, rng=jax.random.PRNGKey(1), **kw)
+  b = generation.generate(model, params, prompts, rng=jax.random.PRNGKey(1), **kw)
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   assert a["tokens"].shape == (2, 5)
 
@@ -381,7 +382,7 @@ def test_mlm_loss_only_on_selected_positions():
 def test_bert_nsp_head_and_pairs():
   cfg = _cfg(type_vocab_size=2, nsp=True)
   docs = [np.arange(40) % 250, np.arange(30) % 250 + 3, np.arange(50) % 250 + 7]
-  rows = text.nsp_pairs(docs, 24, TOK, np.random.default_rng(0))
+  rows = text_tasks.nsp_pairs(docs, 24, TOK, np.random.default_rng(0))
   assert rows["ids"].shape[1] == 24 and set(np.unique(rows["nsp_labels"])) <= {0, 1}
   assert (rows["ids"][:, 0] == TOK.cls_id).all()
   model = BERT(cfg)
@@ -401,7 +402,7 @@ def test_classifier_loads_pretrained_encoder_and_trains():
   gpt_params = _init(GPT(cfg), ids)
   clf = SequenceClassifier(cfg, num_classes=2, pooling="last", causal=True)
   fresh = _init(clf, ids)
-  params = text.init_from_pretrained(fresh, gpt_params)
+  params = nn.unbox(warmstart.merge(fresh, gpt_params, at="encoder"))
   np.testing.assert_array_equal(params["encoder"]["embed"]["embedding"],
                                 gpt_params["encoder"]["embed"]["embedding"])
   # The classifier's encoder computes exactly the GPT's hidden states.
@@ -411,7 +412,7 @@ def test_classifier_loads_pretrained_encoder_and_trains():
   wrong = jax.tree.map(lambda x: x, gpt_params)
   wrong["encoder"]["embed"]["embedding"] = jnp.zeros((300, 32))
   with pytest.raises(ValueError, match="shape"):
-    text.init_from_pretrained(fresh, wrong)
+    warmstart.merge(fresh, wrong, at="encoder")
   # A few SGD steps on a toy label (does the sequence contain an even first id).
   labels = (ids[:, 0] % 2 == 0).astype(jnp.int32)
   valid = jnp.ones_like(ids, bool).at[:4, 9:].set(False)
@@ -438,7 +439,7 @@ def _run(task, tmp_path, steps=2):
 
 
 def test_gpt_trains_through_the_engine_on_pydoc(tmp_path):
-  task = text.GPTTaskConfig(model=_cfg(), seq_length=64, eval_stride=0,
+  task = text_tasks.GPTTaskConfig(model=_cfg(), seq_length=64, eval_stride=0,
                             eval_batch_size=256)
   result = _run(task, tmp_path / "gpt")
   m = result.metrics
@@ -448,12 +449,12 @@ def test_gpt_trains_through_the_engine_on_pydoc(tmp_path):
   assert m["eval/bytes"] == len("".join(topics[t] for t in held).encode("utf-8"))
   # The checkpoint's encoder loads into a classifier.
   clf = SequenceClassifier(_cfg(), num_classes=3)
-  params = text.init_from_checkpoint(_init(clf, _ids((1, 8))), str(tmp_path / "gpt"))
+  params = warmstart.merge(_init(clf, _ids((1, 8))), str(tmp_path / "gpt"), at="encoder")
   assert params["classifier"]["kernel"].shape == (32, 3)
 
 
 def test_bert_trains_through_the_engine_on_pydoc(tmp_path):
-  task = text.BERTTaskConfig(model=_cfg(), seq_length=64, eval_batch_size=256)
+  task = text_tasks.BERTTaskConfig(model=_cfg(), seq_length=64, eval_batch_size=256)
   m = _run(task, tmp_path / "bert").metrics
   assert np.isfinite(m["train/loss"]) and 0.0 <= m["eval/mlm_accuracy"] <= 1.0
   assert 0.14 < m["eval/mlm_tokens"] / 32208 < 0.16  # 15% of held-out bytes

@@ -12,7 +12,9 @@ from datong.backbone import TransformerConfig
 from datong.ops.patches import patchify
 from datong.ops.posemb import interpolate_2d
 from datong.unimodal import masked_image as mim
-from datong.unimodal import vision_tasks as vt
+from datong.train.tasks import images as timg
+from datong.train.tasks import probes
+from datong.train.tasks import vision as vt
 from datong.unimodal.vision import PatchEmbedding, ViTConfig, ViTEncoder, \
     image_to_patches, patches_to_image
 
@@ -207,13 +209,13 @@ def test_reconstruction_png(tmp_path):
 # ------------------------------------------------------ data and evaluation
 
 def test_augmentation_identity_and_shift():
-  data = vt.ImageData(upsample=2)
+  data = timg.ImageData(upsample=2)
   ex = data({"image": np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4, "label": 3},
             np.random.default_rng(0), True)
   assert ex["image"].shape == (16, 16, 1) and ex["label"] == 3
   x = _images((2, 8, 8, 1))
-  np.testing.assert_allclose(vt.random_affine(x, jax.random.PRNGKey(0)), x, atol=1e-6)
-  y = vt.random_affine(x, jax.random.PRNGKey(0), shift=2.0)
+  np.testing.assert_allclose(timg.random_affine(x, jax.random.PRNGKey(0)), x, atol=1e-6)
+  y = timg.random_affine(x, jax.random.PRNGKey(0), shift=2.0)
   assert y.shape == x.shape and not np.allclose(y, x)
 
 
@@ -222,8 +224,8 @@ def test_probe_and_knn_on_separable_features():
   centers = rng.normal(size=(3, 5)) * 5
   y = rng.integers(0, 3, 90)
   x = centers[y] + rng.normal(size=(90, 5))
-  assert vt.linear_probe(x[:60], y[:60], x[60:], y[60:]) == 1.0
-  assert vt.knn_accuracy(x[:60], y[:60], x[60:], y[60:], k=3) == 1.0
+  assert probes.linear_probe(x[:60], y[:60], x[60:], y[60:]) == 1.0
+  assert probes.knn_accuracy(x[:60], y[:60], x[60:], y[60:], k=3) == 1.0
 
 
 def test_probe_train_views_add_augmented_copies_of_the_train_split():
@@ -246,8 +248,8 @@ def test_probe_train_views_add_augmented_copies_of_the_train_split():
   def augment(x, key):  # a shift by a per-batch random constant
     return x + jax.random.uniform(key, ())
 
-  probe = vt.ProbeConfig(train_views=3, c=1.0)
-  m = vt.probe_metrics(features, None, Ctx(), probe, "train", "test", augment)
+  probe = probes.ProbeConfig(train_views=3, c=1.0)
+  m = probes.probe_metrics(features, None, Ctx(), probe, "train", "test", augment)
   assert 0.0 <= m["eval/linear_probe_accuracy"] <= 1.0
   train_seen = np.concatenate(seen[:9])  # 3 views x 3 batches of train, then test
   assert len(train_seen) == 120 and len(np.concatenate(seen[9:])) == 12
@@ -256,9 +258,9 @@ def test_probe_train_views_add_augmented_copies_of_the_train_split():
   assert np.all(shift1 != 0) and np.all(shift2 != 0) and not np.allclose(shift1, shift2)
   np.testing.assert_array_equal(np.concatenate(seen[9:]), images["test"])  # test: never
   with pytest.raises(ValueError, match="needs an augmentation"):
-    vt.probe_metrics(features, None, Ctx(), probe, "train", "test", None)
+    probes.probe_metrics(features, None, Ctx(), probe, "train", "test", None)
   with pytest.raises(ValueError, match="train_views"):
-    vt.ProbeConfig(train_views=0)
+    probes.ProbeConfig(train_views=0)
 
 
 def test_layer_wise_lr_decay_scales(tmp_path):
@@ -287,7 +289,7 @@ def test_fine_tuning_at_a_new_resolution_interpolates_the_pretrained_position_ta
   params = nn.unbox(simmim.init(jax.random.PRNGKey(3), x, jnp.zeros((1, 16), bool)))["params"]
   path = vt.export_encoder(params, str(tmp_path))
   big = _vit(image_size=(16, 16))  # pool="cls": a [CLS] token SimMIM did not have
-  up = vt.ImageData(upsample=2)
+  up = timg.ImageData(upsample=2)
   task = vt.ViTClassifierConfig(big, data=up, pretrained=path).build()
   fresh = nn.unbox(vt.ViTClassifierConfig(big, data=up).build().init(
       jax.random.PRNGKey(1), task.batch_spec(2)))["params"]

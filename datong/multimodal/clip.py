@@ -3,8 +3,9 @@
 Both towers are the one ``datong.backbone.Transformer`` with a modality stem
 in front and a projection head behind:
 
-* image tower: ``ViTEncoder`` (``PatchEmbedding`` stem + backbone + [CLS] or
-  mean pooling) -> ``head`` -> L2 normalization;
+* image tower: any image encoder (``datong.unimodal.encoders``; a ViT:
+  patch stem + backbone + [CLS] or mean pooling) -> ``head`` -> L2
+  normalization;
 * text tower: ``TokenEmbedding`` stem + backbone (causal or bidirectional)
   pooled at the EOS token, the [CLS] token or the mean of real tokens ->
   ``head`` -> L2 normalization.
@@ -22,13 +23,15 @@ their chunked and ``shard_map`` forms, zero-shot, retrieval) lives in
 
 Parameter tree (checkpoint paths are public API)::
 
-    image/encoder/{stem, cls, backbone}   (ViTEncoder; absent with sharing)
-    image/{stem, cls}                     (with share_backbone)
+    image/encoder/{stem, cls, backbone}   (the encoder; no backbone with sharing)
     image/head, text/{stem, backbone, head}, backbone (shared), log_scale, bias
 
-LiT (locked-image tuning) is ``ClipTaskConfig(lock_image="encoder")``, usually
-with ``image_init=WORKDIR`` of a ViT / MAE / CLIP run: the engine's optimizer
-applies ``Task.trainable`` so locked leaves get exactly zero updates.
+(Before the image-encoder protocol a shared-backbone CLIP kept its image
+stem at ``image/{stem, cls}``; ``datong.train.warmstart`` maps those paths.)
+
+The training objective (``ClipTaskConfig``: data, caption augmentation,
+zero-shot and retrieval evaluation, LiT locking) is in
+``datong.train.tasks.clip``.
 """
 
 from __future__ import annotations
@@ -38,25 +41,19 @@ import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datong.backbone import Norm, Transformer, TransformerConfig
+from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal import contrastive
-from datong.unimodal.text import TextConfig, TokenEmbedding, make_tokenizer
-from datong.unimodal.vision import (PatchEmbedding, ViTConfig, ViTEncoder, find_encoder,
-                                   merge_encoder)
-from datong.unimodal.vision_tasks import ImageData
+from datong.unimodal.encoders import check_image_encoder
+from datong.unimodal.text import TextConfig, token_embedding
 
 TEXT_POOLS = ("eos", "cls", "mean")
 LOSSES = ("softmax", "sigmoid")
-LOCKS = ("", "encoder", "tower")
 
-__all__ = [
-    "CLIP", "ClipConfig", "ClipTask", "ClipTaskConfig", "ImageTower", "TextTower",
-    "augment_caption", "contrastive_loss", "load_image_encoder", "text_pool", "tokenize",
-]
+__all__ = ["CLIP", "ClipConfig", "ImageTower", "TextTower", "contrastive_loss", "text_pool",
+           "tokenize"]
 
 
 # ------------------------------------------------------------------ config --
@@ -65,7 +62,8 @@ __all__ = [
 class ClipConfig:
   """Two towers and their shared embedding space.
 
-  ``image``: a ViT encoder (its ``pool`` decides [CLS] vs mean pooling).
+  ``image``: an image-encoder config (``ViTConfig``: its ``pool`` decides
+  [CLS] vs mean pooling; or any other that meets the protocol).
   ``text``: vocabulary, positions (``learned``, ``rope`` or ``none``),
   ``max_length`` (the tokenized length) and the text backbone.
   ``text_pool``: ``eos`` (CLIP: the EOS token's output; use with
@@ -75,7 +73,7 @@ class ClipConfig:
   ``loss``: ``softmax`` (CLIP) or ``sigmoid`` (SigLIP); sets the defaults of
   the logit scale (1/0.07 resp. 10, clipped at ``max_scale``) and bias (-10).
   """
-  image: ViTConfig
+  image: Any  # an image-encoder config (datong.unimodal.encoders)
   text: TextConfig
   embed_dim: int = 64
   text_pool: str = "eos"
@@ -90,6 +88,7 @@ class ClipConfig:
   def __post_init__(self):
     def bad(field, why):
       raise ValueError(f"ClipConfig.{field}={getattr(self, field)!r}: {why}")
+    check_image_encoder(self.image, "ClipConfig.image")
     if self.text_pool not in TEXT_POOLS:
       bad("text_pool", f"choose one of {TEXT_POOLS}")
     if self.loss not in LOSSES:
@@ -99,6 +98,9 @@ class ClipConfig:
     if self.text.max_length <= 0:
       raise ValueError(f"ClipConfig.text.max_length={self.text.max_length}: the captions' "
                        "tokenized length must be positive.")
+    if self.share_backbone and not hasattr(self.image, "backbone"):
+      bad("share_backbone", f"the image encoder {type(self.image).__name__} has no single "
+          "backbone to share")
     if self.share_backbone and self.text.positions == "rope":
       bad("share_backbone", "a shared backbone uses image.backbone, which has no rotary "
           "embedding; set text.positions='learned'")
@@ -131,11 +133,10 @@ def _head(embed_dim: int, use_bias: bool, param_dtype, name: str):
 class ImageTower(nn.Module):
   """Images ``[batch, h, w, c]`` -> ``(embeddings [batch, embed_dim], aux)``.
 
-  Without a shared backbone this is ``ViTEncoder`` (params under
-  ``encoder``, the same layout as ``ViTClassifier`` / ``MAE`` encoders, so
-  their checkpoints load) + ``head``. With ``backbone`` given, the same
-  wiring (``PatchEmbedding`` stem, optional [CLS], pooling) runs the shared
-  module.
+  The configured image encoder (params under ``encoder``, the layout of
+  ``ImageClassifier`` / ``MAE`` / ``SimMIM`` encoders, so their checkpoints
+  load) + ``head``. With ``backbone`` given, the encoder runs that shared
+  module instead of its own backbone.
   """
   config: ClipConfig
   backbone: Optional[nn.Module] = None
@@ -143,27 +144,17 @@ class ImageTower(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     cfg = self.config
-    vit = cfg.image
-    bb = vit.backbone
-    if self.backbone is None:
-      pooled, aux = ViTEncoder(vit, name="encoder")(images, train=train)
-    else:
-      x = PatchEmbedding(bb.width, vit.patch_size, vit.image_size, posemb=vit.posemb,
-                         dtype=bb.compute_dtype, param_dtype=bb.params_dtype,
-                         name="stem")(images)
-      if vit.has_cls:
-        cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                         (bb.width,), bb.params_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, bb.width)),
-                             x], axis=1)
-      if vit.pre_norm:  # as ViTEncoder does
-        x = Norm(bb, name="pre_norm")(x)
-      hidden, aux = self.backbone(x, train=train)
-      patches = hidden[:, 1:] if vit.has_cls else hidden
-      pooled = hidden[:, 0] if vit.pool == "cls" else jnp.mean(patches, axis=1)
-      aux = {**aux, "encoded": hidden, "pooled": pooled}
-    z = _head(cfg.embed_dim, cfg.head_bias, bb.params_dtype, "head")(pooled.astype(jnp.float32))
+    encoder = cfg.image.make(shared_backbone=self.backbone, name="encoder")
+    pooled, aux = encoder(images, train=train)
+    z = _head(cfg.embed_dim, cfg.head_bias, _param_dtype(cfg.image), "head")(
+        pooled.astype(jnp.float32))
     return contrastive.l2_normalize(z), aux
+
+
+def _param_dtype(encoder):
+  """The heads are stored like the encoder's backbone (float32 unless told)."""
+  backbone = getattr(encoder, "backbone", None)
+  return backbone.params_dtype if backbone is not None else jnp.float32
 
 
 def text_pool(hidden, ids, *, pool: str, eos_id: int, pad_id: int):
@@ -198,10 +189,7 @@ class TextTower(nn.Module):
     cfg = self.config
     tc = cfg.text
     bb = cfg.text_backbone
-    x = TokenEmbedding(tc.vocab_size, bb.width,
-                       max_length=tc.max_length if tc.positions == "learned" else 0,
-                       dtype=bb.dtype, param_dtype=bb.param_dtype,
-                       init_std=tc.embed_init_std, name="stem")(ids)
+    x = token_embedding(tc, bb, name="stem")(ids)
     segment_ids = (ids != self.pad_id).astype(jnp.int32)
     backbone = self.backbone if self.backbone is not None else Transformer(bb, name="backbone")
     hidden, aux = backbone(x, causal=cfg.text_causal, segment_ids=segment_ids, train=train)
@@ -287,249 +275,3 @@ def tokenize(texts: Sequence[Any], tokenizer, length: int, *, pool: str = "eos")
     row = (head + list(ids))[:length - 1] + [tokenizer.eos_id]
     out[i, :len(row)] = row
   return out
-
-
-# ------------------------------------------------------- pretrained image ---
-
-def load_image_encoder(params, pretrained, config: ClipConfig):
-  """``params`` with ``image/encoder`` started from the ViT encoder in
-  ``pretrained`` (ViT / MAE / SimMIM / CLIP params; see ``vision.merge_encoder``)."""
-  if "encoder" not in params.get("image", {}):
-    raise ValueError("load_image_encoder needs share_backbone=False (params image/encoder).")
-  encoder = merge_encoder(params["image"]["encoder"], pretrained, config.image)
-  return {**params, "image": {**params["image"], "encoder": encoder}}
-
-
-# -------------------------------------------------------------------- task --
-
-from datong.train.task import EvalContext, Task, path_names, transformer_flops_per_token  # pylint: disable=g-import-not-at-top,wrong-import-position
-from datong.train.warmstart import load_pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipTaskConfig:
-  """Image-text contrastive pretraining on an (image, caption[, label]) dataset.
-
-  ``class_names``: per class, one or more names; the zero-shot classifier
-  averages the text embeddings of every template filled with every name.
-  Empty: no zero-shot metric. ``chunk_size > 0`` uses the chunked loss.
-  ``image``: the vision tasks' preprocessing (pixels to [-1, 1], host) and
-  augmentation (random affine, on device, training only), so encoders move
-  between ViT / MAE / CLIP runs with the same input convention; its
-  ``dataset`` names the image-text dataset. ``lock_image``: ``encoder``
-  (LiT: freeze the ViT encoder, train its head) or ``tower`` (freeze the
-  head too). ``image_init``: a ViT / MAE / CLIP run's workdir, or an
-  exported ``encoder_params.msgpack``, whose encoder initializes the image
-  tower.
-
-  Caption augmentation (training only, EDA-style, ``augment_caption``):
-  ``word_dropout`` deletes each word with that probability; ``noise_words``
-  is the mean number (Poisson) of random lowercase strings inserted at
-  random places. Both teach the text tower to ignore words that carry no
-  image information, which is most of what an unseen zero-shot prompt is.
-  """
-  model: ClipConfig
-  image: ImageData = ImageData(dataset="digit_captions")
-  caption_key: str = "caption"
-  tokenizer: str = "byte"
-  train_split: str = "train"
-  eval_split: str = "test"
-  class_names: tuple = ()
-  templates: tuple = ("{}",)
-  chunk_size: int = 0
-  word_dropout: float = 0.0
-  noise_words: float = 0.0
-  lock_image: str = ""
-  image_init: str = ""
-  logit_lr_scale: float = 1.0  # learning-rate multiplier of log_scale and bias
-  retrieval_ks: tuple = (1, 5)
-  eval_batch_size: int = 0  # 0: the train batch size
-
-  def __post_init__(self):
-    if self.lock_image not in LOCKS:
-      raise ValueError(f"ClipTaskConfig.lock_image={self.lock_image!r}: choose one of {LOCKS}.")
-    if self.lock_image and self.model.share_backbone:
-      raise ValueError("ClipTaskConfig.lock_image with model.share_backbone=True would freeze "
-                       "the text tower's backbone too; unshare or do not lock.")
-    if not 0.0 <= self.word_dropout < 1.0 or self.noise_words < 0:
-      raise ValueError("ClipTaskConfig.word_dropout must be in [0, 1) and noise_words >= 0.")
-    if self.chunk_size < 0:
-      raise ValueError(f"ClipTaskConfig.chunk_size={self.chunk_size}: must be >= 0.")
-
-  def build(self) -> "ClipTask":
-    return ClipTask(self)
-
-
-class ClipTask(Task):
-  """CLIP / SigLIP for the engine: batches ``{image, text, label}``."""
-
-  def __init__(self, config: ClipTaskConfig):
-    self.config = config
-    self.dataset = config.image.dataset
-    self.train_split = config.train_split
-    self.eval_split = config.eval_split
-    self.tokenizer = make_tokenizer(config.tokenizer,
-                                    (self.dataset, self.train_split, config.caption_key))
-    mc = config.model
-    if mc.text.vocab_size < self.tokenizer.vocab_size:
-      raise ValueError(f"ClipConfig.text.vocab_size={mc.text.vocab_size} is smaller than the "
-                       f"tokenizer's {self.tokenizer.vocab_size}.")
-    self.model = CLIP(mc, pad_id=self.tokenizer.pad_id, eos_id=self.tokenizer.eos_id)
-    # Only the ViT encoder is kept; a tree without one fails here, at build.
-    self._pretrained = (find_encoder(load_pretrained(config.image_init))
-                        if config.image_init else None)
-
-  # --- model ---
-  def _dummy(self, batch):
-    return (jnp.zeros(batch["image"].shape, jnp.float32), jnp.zeros(batch["text"].shape, jnp.int32))
-
-  def init(self, rng, batch):
-    images, ids = self._dummy(batch)
-    variables = self.model.init(rng, images[:1], ids[:1])
-    if self._pretrained is not None:
-      variables = {**variables, "params": load_image_encoder(
-          variables["params"], self._pretrained, self.config.model)}
-    return variables
-
-  def batch_spec(self, batch_size):
-    mc = self.config.model
-    h, w = mc.image.image_size
-    return {"image": jax.ShapeDtypeStruct((batch_size, h, w, mc.image.channels), jnp.float32),
-            "text": jax.ShapeDtypeStruct((batch_size, mc.text.max_length), jnp.int32),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-
-  def loss(self, params, batch, rng, *, train=True):
-    images = batch["image"]
-    rngs = {}
-    if train:
-      rng_aug, rng_drop = jax.random.split(rng)
-      images = self.config.image.augment(images, rng_aug)
-      rngs = {"dropout": rng_drop}
-    img, txt, aux = self.model.apply({"params": params}, images, batch["text"],
-                                     train=train, rngs=rngs)
-    loss, metrics = contrastive_loss(self.config.model, img, txt, aux["scale"], aux["bias"],
-                                     chunk_size=self.config.chunk_size, mask=batch.get("mask"))
-    metrics = {**metrics, "scale": aux["scale"]}
-    if self.config.model.loss == "sigmoid":
-      metrics["bias"] = aux["bias"]
-    return loss, metrics
-
-  # --- data ---
-  def preprocess(self, example, rng, train):
-    c = self.config
-    out = c.image(example, rng, train)  # image in [-1, 1]; label when present
-    out.setdefault("label", np.int32(-1))
-    caption = example[c.caption_key]
-    if train and (c.word_dropout or c.noise_words):
-      caption = augment_caption(caption, rng, word_dropout=c.word_dropout,
-                                noise_words=c.noise_words)
-    out["text"] = tokenize([caption], self.tokenizer, c.model.text.max_length,
-                           pool=c.model.text_pool)[0]
-    return out
-
-  # --- evaluation ---
-  def zero_shot_classifier(self, params):
-    """``[classes, embed_dim]`` from ``class_names`` x ``templates`` (prompt ensemble)."""
-    c = self.config
-    names = [(n,) if isinstance(n, str) else tuple(n) for n in c.class_names]
-    per_class = max(len(n) for n in names) * len(c.templates)
-    prompts = []
-    for synonyms in names:
-      row = [t.format(n) for n in synonyms for t in c.templates]
-      prompts.append(row + row[:1] * (per_class - len(row)))  # pad by repeating
-    ids = tokenize([p for row in prompts for p in row], self.tokenizer,
-                   c.model.text.max_length, pool=c.model.text_pool)
-    emb = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="encode_text"))(params, ids)
-    counts = np.array([len(s) * len(c.templates) for s in names])
-    emb = np.asarray(emb).reshape(len(names), per_class, -1)
-    # Average only over each class's real prompts (padding repeats are dropped).
-    keep = np.arange(per_class)[None, :] < counts[:, None]
-    summed = np.einsum("cpd,cp->cd", contrastive.l2_normalize(emb), keep) / counts[:, None]
-    return np.asarray(contrastive.l2_normalize(summed))
-
-  def embed_split(self, params, ctx: EvalContext, split: str):
-    """Host arrays ``image_emb, text_emb, label`` of every example of ``split``."""
-    encode = jax.jit(lambda p, b: self.model.apply({"params": p}, b["image"], b["text"])[:2])
-    imgs, txts, labels = [], [], []
-    for batch in ctx.batches(split, self.config.eval_batch_size or None):
-      img, txt = encode(params, batch)
-      keep = ctx.to_host(batch["mask"]).astype(bool)
-      imgs.append(ctx.to_host(img)[keep])
-      txts.append(ctx.to_host(txt)[keep])
-      labels.append(ctx.to_host(batch["label"])[keep])
-    return np.concatenate(imgs), np.concatenate(txts), np.concatenate(labels)
-
-  def evaluate(self, params, ctx):
-    c = self.config
-    img, txt, labels = self.embed_split(params, ctx, self.eval_split)
-    scale, bias = jax.jit(lambda p: self.model.apply({"params": p}, method="logit_params"))(params)
-    loss, _ = contrastive_loss(c.model, img, txt, scale, bias)
-    metrics = {"eval/loss": float(loss)}
-    # Captions carry the digit but nothing else of the image, so the pair is
-    # only determined up to its label: a retrieved item counts when it shows /
-    # names the query's class. Without labels, only the exact partner counts.
-    keys = labels if np.all(labels >= 0) else None
-    recall = contrastive.retrieval_recall(img, txt, c.retrieval_ks, image_keys=keys,
-                                          text_keys=keys)
-    metrics.update({f"eval/{k}": v for k, v in recall.items()})
-    if c.class_names:
-      logits = contrastive.zero_shot_logits(img, self.zero_shot_classifier(params))
-      metrics["eval/zero_shot_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
-    return metrics
-
-  # --- accounting ---
-  def tokens_per_example(self):
-    mc = self.config.model
-    return mc.image.num_patches + int(mc.image.has_cls) + mc.text.max_length
-
-  def flops_per_example(self):
-    mc = self.config.model
-    vit, ib, tb = mc.image, mc.image.backbone, mc.text_backbone
-    n_img = vit.num_patches + int(vit.has_cls)
-    img = n_img * transformer_flops_per_token(
-        ib.width, ib.depth, ib.mlp_dim, n_img, gated=ib.activation in ("swiglu", "geglu"),
-        kv_width=ib.resolved_kv_heads * ib.resolved_head_dim)
-    img += 6.0 * vit.num_patches * vit.patch_dim * ib.width + 6.0 * ib.width * mc.embed_dim
-    n_txt = mc.text.max_length
-    txt = n_txt * transformer_flops_per_token(
-        tb.width, tb.depth, tb.mlp_dim, n_txt, causal=mc.text_causal,
-        gated=tb.activation in ("swiglu", "geglu"),
-        kv_width=tb.resolved_kv_heads * tb.resolved_head_dim)
-    txt += 6.0 * tb.width * mc.embed_dim
-    return float(img + txt)
-
-  # --- optimizer hooks ---
-  def learning_rate_scale(self, params):
-    """``logit_lr_scale`` on the temperature and bias (small batches move the
-    SigLIP bias far from its -10 start), 1 elsewhere; None when 1."""
-    scale = self.config.logit_lr_scale
-    if scale == 1.0:
-      return None
-    return {k: (jax.tree.map(lambda _: scale, v) if k in ("log_scale", "bias")
-                else jax.tree.map(lambda _: 1.0, v)) for k, v in params.items()}
-
-  def trainable(self, params):
-    lock = self.config.lock_image
-    if not lock:
-      return None
-
-    def keep(path, _):
-      names = path_names(path)
-      if names[:1] != ["image"]:
-        return True
-      return lock == "encoder" and names[1:2] == ["head"]
-
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def augment_caption(caption, rng: np.random.Generator, *, word_dropout: float = 0.0,
-                    noise_words: float = 0.0) -> str:
-  """Randomly delete words and insert random lowercase strings (numpy rng)."""
-  text = caption.decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
-  words = text.split()
-  kept = [w for w in words if rng.random() >= word_dropout] or words
-  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-  for _ in range(rng.poisson(noise_words) if noise_words else 0):
-    noise = "".join(rng.choice(letters, size=int(rng.integers(2, 9))))
-    kept.insert(int(rng.integers(0, len(kept) + 1)), noise)
-  return " ".join(kept)

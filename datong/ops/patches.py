@@ -15,13 +15,19 @@ def _check(h: int, w: int, patch: tuple[int, int]):
         "resize or crop the images, or pick a patch size that divides both.")
 
 
-def _pair(patch):
-  return (patch, patch) if isinstance(patch, int) else tuple(patch)
+def pair(x) -> tuple[int, int]:
+  """An int or a pair of ints (a size, a patch, a window) as ``(h, w)``."""
+  if isinstance(x, int):
+    return (x, x)
+  x = tuple(int(v) for v in x)
+  if len(x) != 2:
+    raise ValueError(f"expected an int or a pair, got {x!r}")
+  return x
 
 
 def patchify(images, patch):
   """``[batch, h, w, c]`` -> ``[batch, (h/ph)*(w/pw), ph*pw*c]``."""
-  ph, pw = _pair(patch)
+  ph, pw = pair(patch)
   b, h, w, c = images.shape
   _check(h, w, (ph, pw))
   x = images.reshape(b, h // ph, ph, w // pw, pw, c)
@@ -31,7 +37,7 @@ def patchify(images, patch):
 
 def unpatchify(patches, patch, image_size: tuple[int, int], channels: int):
   """Inverse of ``patchify``: ``[batch, n, ph*pw*c]`` -> ``[batch, h, w, c]``."""
-  ph, pw = _pair(patch)
+  ph, pw = pair(patch)
   h, w = image_size
   _check(h, w, (ph, pw))
   b, n, d = patches.shape
@@ -46,6 +52,6 @@ def unpatchify(patches, patch, image_size: tuple[int, int], channels: int):
 
 def grid_shape(image_size: tuple[int, int], patch) -> tuple[int, int]:
   """Number of patches along height and width."""
-  ph, pw = _pair(patch)
+  ph, pw = pair(patch)
   _check(image_size[0], image_size[1], (ph, pw))
   return image_size[0] // ph, image_size[1] // pw

@@ -8,6 +8,7 @@ method returning a ``datong.train.task.Task``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import json
 import typing
@@ -141,13 +142,49 @@ def _optional_inner(annotation):
   return str
 
 
-def _check_keys(config, keys, nodes: bool = False):
-  valid = field_names(config, nodes=nodes)
-  for key in keys:
-    if key not in valid:
-      close = [v for v in valid if v.split(".")[-1] == key.split(".")[-1]]
-      hint = f" Did you mean {close}?" if close else ""
-      raise ValueError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+def resolve_names(config, settings: dict[str, Any], *, nodes: bool = False) -> dict[str, Any]:
+  """``{name: value}`` -> ``{dotted path: value}`` on the dataclass tree ``config``:
+  the one name resolver of the CLI (``--set``) and the notebook (``build``, ``fit``).
+
+  A name is a dotted path (``__`` works as a dot) or its end (``depth``,
+  ``decoder.depth``, ``probe.features``) when that matches one field; a
+  backbone field's name may match every backbone (``TransformerConfig``) in
+  the tree at once (``depth=2`` sets both CLIP towers). ``nodes``: names of
+  nested dataclasses (``task.model.decoder``) are settable too. Unknown and
+  ambiguous names raise a ValueError that lists the valid ones.
+  """
+  from datong.backbone import TransformerConfig  # pylint: disable=import-outside-toplevel
+  names = field_names(config, nodes=nodes)
+  out = {}
+  for key, value in settings.items():
+    path = key.replace("__", ".")
+    if path in names:
+      out[path] = value
+      continue
+    matches = [n for n in names if n.endswith("." + path)]
+    if not matches:
+      short = sorted({n.rsplit(".", 1)[-1] for n in names})
+      close = difflib.get_close_matches(path.rsplit(".", 1)[-1], short, n=3)
+      hint = "".join(
+          f" Did you mean {c} ({', '.join(n for n in names if n.rsplit('.', 1)[-1] == c)})?"
+          for c in close)
+      raise ValueError(f"Unknown config key {key!r} for {type(config).__name__}.{hint} Valid "
+                       f"names: {', '.join(short)} (or a dotted path ending in one, e.g. "
+                       f"{max(names, key=lambda n: n.count('.'))!r}).")
+    backbone = [m for m in matches if isinstance(_node(config, m), TransformerConfig)]
+    if len(matches) > 1 and len(backbone) != len(matches):
+      raise ValueError(f"Setting {key!r} is ambiguous in {type(config).__name__}: "
+                       f"{', '.join(matches)}. Pass a longer dotted path, e.g. "
+                       f"{matches[0]!r}.")
+    out.update({m: value for m in matches})
+  return out
+
+
+def _node(config, dotted: str):
+  """The dataclass holding field ``dotted``."""
+  for part in dotted.split(".")[:-1]:
+    config = getattr(config, part)
+  return config
 
 
 def _rebuild(config, names, new_value):
@@ -169,22 +206,22 @@ def _rebuild(config, names, new_value):
 
 
 def replace_fields(config, values: dict[str, Any]):
-  """Return ``config`` with ``{"train.steps": 100, ...}`` set (Python values).
+  """Return ``config`` with ``{"train.steps": 100, "depth": 2, ...}`` set
+  (Python values; names as ``resolve_names`` reads them).
 
-  Like ``override`` without the parsing. Unknown names raise a ValueError
-  listing the valid ones. A name may also be a nested dataclass
-  (``"task.model.decoder"``), replaced whole.
+  Like ``override`` without the parsing. A name may also be a nested
+  dataclass (``"task.model.decoder"``), replaced whole.
   """
-  _check_keys(config, values, nodes=True)
+  values = resolve_names(config, values, nodes=True)
   return _rebuild(config, values, lambda name, node, f: values[name])
 
 
 def override(config, assignments: dict[str, str]):
-  """Return ``config`` with ``{"train.steps": "100", ...}`` applied.
-
-  Unknown names raise a ValueError listing the valid ones.
+  """Return ``config`` with ``{"train.steps": "100", "depth": "2", ...}``
+  applied: strings parsed into each field's type (the CLI's ``--set``),
+  names as ``resolve_names`` reads them.
   """
-  _check_keys(config, assignments)
+  assignments = resolve_names(config, assignments)
 
   def parse(name, node, f):
     hints = typing.get_type_hints(type(node))
@@ -210,10 +247,25 @@ def to_json(config) -> dict:
   return config
 
 
+# Config classes that moved, by the path a checkpoint written before the move
+# stores: runs of every earlier commit keep loading.
+MOVED = {
+    "datong.unimodal.text.GPTTaskConfig": "datong.train.tasks.text.GPTTaskConfig",
+    "datong.unimodal.text.BERTTaskConfig": "datong.train.tasks.text.BERTTaskConfig",
+    "datong.unimodal.vision_tasks.ImageData": "datong.train.tasks.images.ImageData",
+    "datong.unimodal.vision_tasks.ProbeConfig": "datong.train.tasks.probes.ProbeConfig",
+    "datong.unimodal.vision_tasks.ViTClassifierConfig":
+        "datong.train.tasks.vision.ViTClassifierConfig",
+    "datong.unimodal.vision_tasks.MAETaskConfig": "datong.train.tasks.vision.MAETaskConfig",
+    "datong.unimodal.vision_tasks.SimMIMTaskConfig": "datong.train.tasks.vision.SimMIMTaskConfig",
+    "datong.multimodal.clip.ClipTaskConfig": "datong.train.tasks.clip.ClipTaskConfig",
+}
+
+
 def from_json(data):
-  """Inverse of ``to_json``."""
+  """Inverse of ``to_json`` (old class paths are read through ``MOVED``)."""
   if isinstance(data, dict) and "__type__" in data:
-    module, _, name = data["__type__"].rpartition(".")
+    module, _, name = MOVED.get(data["__type__"], data["__type__"]).rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     kwargs = {}
     hints = typing.get_type_hints(cls)

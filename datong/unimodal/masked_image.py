@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
-from datong.ops.patches import grid_shape, patchify, unpatchify
+from datong.ops.patches import grid_shape, pair, patchify, unpatchify
 from datong.ops.posemb import interpolate_2d, sincos_2d
-from datong.unimodal.vision import ViTConfig, ViTEncoder, _pair
+from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 
 # ------------------------------------------------------------------ masking
@@ -71,11 +71,11 @@ def block_masking(rng, batch: int, image_size, patch_size, mask_patch_size,
   (exactly ``round(ratio * cells)`` per example) and upsampled to the model
   patch grid; ``mask_patch_size`` must be a multiple of the patch size.
   """
-  ph, pw = _pair(patch_size)
-  mh, mw = _pair(mask_patch_size)
+  ph, pw = pair(patch_size)
+  mh, mw = pair(mask_patch_size)
   if mh % ph or mw % pw:
     raise ValueError(f"mask_patch_size {mh}x{mw} must be a multiple of the patch size {ph}x{pw}.")
-  gh, gw = grid_shape(_pair(image_size), (mh, mw))
+  gh, gw = grid_shape(pair(image_size), (mh, mw))
   cells = random_masking(rng, batch, gh * gw, ratio).mask.reshape(batch, gh, gw)
   cells = jnp.repeat(jnp.repeat(cells, mh // ph, axis=1), mw // pw, axis=2)
   return cells.reshape(batch, -1)
@@ -83,8 +83,8 @@ def block_masking(rng, batch: int, image_size, patch_size, mask_patch_size,
 
 def patch_mask_to_pixels(mask, image_size, patch_size):
   """``[batch, n]`` patch mask -> ``[batch, h, w]`` pixel mask."""
-  ph, pw = _pair(patch_size)
-  gh, gw = grid_shape(_pair(image_size), (ph, pw))
+  ph, pw = pair(patch_size)
+  gh, gw = grid_shape(pair(image_size), (ph, pw))
   m = jnp.asarray(mask).reshape(-1, gh, gw)
   return jnp.repeat(jnp.repeat(m, ph, axis=1), pw, axis=2)
 
@@ -178,6 +178,15 @@ class MAE(nn.Module):
     aux["decoded"] = hidden
     return pred, aux
 
+  def masked_prediction(self, params, images, key):
+    """``(pred, mask, loss, norm_pix)`` on ``images`` masked at random with
+    ``key``: what ``reconstruct`` draws. Call on the unbound module."""
+    cfg = self.config
+    m = random_masking(key, images.shape[0], cfg.encoder.num_patches, cfg.mask_ratio)
+    pred, _ = self.apply({"params": params}, images, m.keep_indices, m.restore_indices)
+    loss, _ = mae_loss(pred, images, m.mask, cfg.encoder.patch_size, norm_pix=cfg.norm_pix_loss)
+    return pred, m.mask, loss, cfg.norm_pix_loss
+
 
 def normalize_patches(patches, eps: float = 1e-6, ddof: int = 0):
   """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target).
@@ -246,7 +255,7 @@ class SimMIMConfig:
   def mask_cell(self) -> tuple[int, int]:
     """The mask's cell size in pixels: ``mask_patch_size``, resolved."""
     if self.mask_patch_size is not None:
-      return _pair(self.mask_patch_size)
+      return pair(self.mask_patch_size)
     (ph, pw), (h, w) = self.encoder.patch_size, self.encoder.image_size
     if h % (2 * ph) == 0 and w % (2 * pw) == 0:
       return (2 * ph, 2 * pw)
@@ -276,6 +285,13 @@ class SimMIM(nn.Module):
         name="pixel_head")(aux["patch_tokens"].astype(jnp.float32))
     return pred, aux
 
+  def masked_prediction(self, params, images, key):
+    """``(pred, mask, loss, norm_pix)``: as ``MAE.masked_prediction``."""
+    mask = simmim_masking(key, images.shape[0], self.config)
+    pred, _ = self.apply({"params": params}, images, mask)
+    loss, _ = simmim_loss(pred, images, mask, self.config.encoder.patch_size)
+    return pred, mask, loss, False
+
 
 def simmim_loss(pred, images, mask, patch_size):
   """L1 over masked pixels (all channels) only. Returns ``(loss, metrics)``."""
@@ -289,28 +305,19 @@ def simmim_loss(pred, images, mask, patch_size):
 # ------------------------------------------------------------------ picture
 
 def reconstruct(model, params, images, key) -> dict:
-  """Mask ``images`` at random and reconstruct them with an ``MAE`` or ``SimMIM``.
+  """Mask ``images`` at random and reconstruct them with a masked-image model
+  (``MAE``, ``SimMIM``: any module with ``masked_prediction``).
 
   Jittable (``model`` static). Returns ``mask`` ``[b, patches]``, ``loss``
   (the model's training loss on this mask), ``reconstruction`` (predictions
   on masked patches, the input elsewhere) and ``masked`` (the input with
   masked pixels NaN, for display).
   """
-  cfg = model.config
-  enc = cfg.encoder
-  patch = enc.patch_size
-  if isinstance(model, MAE):
-    m = random_masking(key, images.shape[0], enc.num_patches, cfg.mask_ratio)
-    pred, _ = model.apply({"params": params}, images, m.keep_indices, m.restore_indices)
-    mask, norm_pix = m.mask, cfg.norm_pix_loss
-    loss, _ = mae_loss(pred, images, mask, patch, norm_pix=norm_pix)
-  elif isinstance(model, SimMIM):
-    mask = simmim_masking(key, images.shape[0], cfg)
-    pred, _ = model.apply({"params": params}, images, mask)
-    norm_pix = False
-    loss, _ = simmim_loss(pred, images, mask, patch)
-  else:
-    raise TypeError(f"reconstruct needs an MAE or SimMIM model; got {type(model).__name__}.")
+  if not hasattr(model, "masked_prediction"):
+    raise TypeError(f"reconstruct needs a masked-image model (MAE, SimMIM); "
+                    f"got {type(model).__name__}.")
+  pred, mask, loss, norm_pix = model.masked_prediction(params, images, key)
+  patch = model.config.encoder.patch_size
   pixels = patch_mask_to_pixels(mask, images.shape[1:3], patch)[..., None]
   return {"mask": mask, "loss": loss,
           "reconstruction": mae_reconstruct(pred, images, mask, patch, norm_pix=norm_pix),

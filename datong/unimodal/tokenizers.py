@@ -30,6 +30,8 @@ import json
 import re
 from typing import Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
 
+import numpy as np
+
 SPECIALS = ("pad", "bos", "eos", "mask", "cls", "sep")
 
 
@@ -288,3 +290,27 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+  """``[vocab]`` UTF-8 bytes per id (0 for specials); exact for ``ByteTokenizer``.
+
+  For subword tokenizers it is the length of the id decoded alone (an
+  approximation: sentencepiece drops a piece's leading space when alone).
+  """
+  table = np.zeros((tokenizer.vocab_size,), np.int32)
+  if isinstance(tokenizer, ByteTokenizer):
+    table[:256] = 1
+    return table
+  if isinstance(tokenizer, BPETokenizer):
+    return np.array([len(b) for b in tokenizer.token_bytes], np.int32)
+  specials = set(special_ids(tokenizer))
+  for i in range(tokenizer.vocab_size):
+    if i not in specials:
+      table[i] = len(tokenizer.decode([i]).encode("utf-8"))
+  return table
+
+
+# ------------------------------------------------------------------- tasks --
+# The engine-facing objectives (``datong.train.task.Task``). Data: a text
+# dataset (``pydoc_text`` by default) is tokenized and packed in memory,

@@ -11,11 +11,15 @@ probes, the CLIP image tower) read features without touching the model.
                     patch_size=(16, 16))
     pooled, aux = ViTEncoder(cfg).apply(params, images)   # images [b, h, w, c]
 
+``ViTConfig`` meets the image-encoder protocol (``datong.unimodal.encoders``):
+``config.make()`` builds the encoder, ``config.width`` / ``num_tokens`` /
+``flops_per_example()`` describe it, ``config.resize_param`` adapts a
+pretrained position table to another resolution. So the classifier, the
+probes, fine-tuning and CLIP's image tower take it, or any other encoder
+that meets the protocol, alike.
+
 Masked-image modeling (MAE, SimMIM) lives in ``datong.unimodal.masked_image``;
-the supervised task, augmentations and evaluation (linear probe, k-NN,
-fine-tuning with layer-wise lr decay) in ``datong.unimodal.vision_tasks``.
-``merge_encoder`` starts an encoder from another model's (ViT, MAE, SimMIM,
-CLIP), interpolating its position table to a new resolution.
+the training objectives and their evaluation in ``datong.train.tasks.vision``.
 """
 
 from __future__ import annotations
@@ -27,21 +31,13 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from datong.backbone import Norm, Transformer, TransformerConfig, merge_params, params_collection
-from datong.ops.patches import grid_shape, patchify, unpatchify
+from datong.backbone import Norm, Transformer, TransformerConfig
+from datong.ops.patches import grid_shape, pair, patchify, unpatchify
 from datong.ops.posemb import interpolate_2d, sincos_2d
+from datong.unimodal.encoders import ImageClassifier
 
 POOLS = ("cls", "gap")
 POSEMBS = ("learned", "sincos", "none")
-
-
-def _pair(x) -> tuple[int, int]:
-  if isinstance(x, int):
-    return (x, x)
-  x = tuple(int(v) for v in x)
-  if len(x) != 2:
-    raise ValueError(f"expected an int or a pair, got {x!r}")
-  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +59,8 @@ class ViTConfig:
   pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's ViT)
 
   def __post_init__(self):
-    object.__setattr__(self, "image_size", _pair(self.image_size))
-    object.__setattr__(self, "patch_size", _pair(self.patch_size))
+    object.__setattr__(self, "image_size", pair(self.image_size))
+    object.__setattr__(self, "patch_size", pair(self.patch_size))
     if self.pool not in POOLS:
       raise ValueError(f"ViTConfig.pool={self.pool!r}: choose one of {POOLS}.")
     if self.posemb not in POSEMBS:
@@ -95,6 +91,45 @@ class ViTConfig:
   def replace(self, **changes) -> "ViTConfig":
     return dataclasses.replace(self, **changes)
 
+  # --- the image-encoder protocol (datong.unimodal.encoders) ---
+  @property
+  def width(self) -> int:
+    """Width of the pooled features and of each token."""
+    return self.backbone.width
+
+  @property
+  def depth(self) -> int:
+    """Backbone layers (for layer-wise learning-rate decay)."""
+    return self.backbone.depth
+
+  @property
+  def num_tokens(self) -> int:
+    """Sequence positions of one image in the backbone ([CLS] included)."""
+    return self.num_patches + int(self.has_cls)
+
+  def make(self, *, shared_backbone: Optional[nn.Module] = None, name: Optional[str] = None):
+    """The encoder module; ``shared_backbone``: a ``Transformer`` to run instead of its own."""
+    return ViTEncoder(self, shared_backbone=shared_backbone, name=name)
+
+  def flops_per_example(self, length: Optional[int] = None) -> float:
+    """Training FLOPs (forward + backward) of one image's pass over ``length``
+    tokens (default ``num_tokens``; MAE's encoder sees only the kept ones)."""
+    n = self.num_tokens if length is None else length
+    return float(n * self.backbone.flops_per_token(n)
+                 + self.num_patches * 3 * 2 * self.patch_dim * self.backbone.width)
+
+  def resize_param(self, path: tuple, value, shape: tuple):
+    """A pretrained ``value`` at ``path`` made to fit ``shape``, or unchanged:
+    a learned position table of a square pretraining grid is interpolated to
+    this config's grid (a new resolution)."""
+    if path[-1] != "pos_embedding" or len(shape) != 2 or value.shape[1:] != shape[1:]:
+      return value
+    side = math.isqrt(value.shape[0])
+    if side * side != value.shape[0]:
+      raise ValueError(f"pretrained position table {tuple(value.shape)} is not a square grid, "
+                       "so its resolution is unknown; fine-tune at the pretraining resolution.")
+    return interpolate_2d(jnp.asarray(value), (side, side), self.grid)
+
 
 class PatchEmbedding(nn.Module):
   """Images ``[batch, h, w, c]`` -> patch tokens ``[batch, (h/ph)*(w/pw), width]``.
@@ -118,7 +153,7 @@ class PatchEmbedding(nn.Module):
 
   def position_embedding(self, grid: tuple[int, int]):
     """``[gh * gw, width]`` for the patch grid ``grid`` (interpolated if needed)."""
-    base = grid_shape(_pair(self.image_size), _pair(self.patch_size))
+    base = grid_shape(pair(self.image_size), pair(self.patch_size))
     if self.posemb == "sincos":
       return sincos_2d(grid[0], grid[1], self.width)
     if self.posemb == "none":
@@ -131,7 +166,7 @@ class PatchEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, images, mask=None):
-    patch = _pair(self.patch_size)
+    patch = pair(self.patch_size)
     grid = grid_shape(images.shape[1:3], patch)
     patches = patchify(images.astype(self.dtype), patch)
     x = nn.Dense(
@@ -169,8 +204,12 @@ class ViTEncoder(nn.Module):
   input, CLS first if any), ``encoded`` (backbone output, all positions),
   ``patch_tokens`` (backbone output without CLS), ``pooled``, ``pre_norm``
   and, with ``return_layers``, ``layers`` ``[depth, batch, length, width]``.
+
+  ``shared_backbone``: a ``Transformer`` owned elsewhere (CLIP's shared
+  backbone) run in place of this encoder's own ``backbone``.
   """
   config: ViTConfig
+  shared_backbone: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, images, *, mask=None, keep_indices=None, train: bool = False,
@@ -194,7 +233,9 @@ class ViTEncoder(nn.Module):
       prefix = 1
     if cfg.pre_norm:
       x = Norm(bb, name="pre_norm")(x)
-    hidden, baux = Transformer(bb, name="backbone")(x, train=train, return_layers=return_layers)
+    backbone = (self.shared_backbone if self.shared_backbone is not None
+                else Transformer(bb, name="backbone"))
+    hidden, baux = backbone(x, train=train, return_layers=return_layers)
     patch_tokens = hidden[:, prefix:]
     pooled = hidden[:, 0] if cfg.pool == "cls" else jnp.mean(patch_tokens, axis=1)
     aux = {"embedded": x, "encoded": hidden, "patch_tokens": patch_tokens,
@@ -202,22 +243,8 @@ class ViTEncoder(nn.Module):
     return pooled, aux
 
 
-class ViTClassifier(nn.Module):
-  """``ViTEncoder`` + (zero-initialized) linear class head: ``-> (logits, aux)``."""
-  config: ViTConfig
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, images, *, train: bool = False, return_layers: bool = False):
-    pooled, aux = ViTEncoder(self.config, name="encoder")(
-        images, train=train, return_layers=return_layers)
-    logits = nn.Dense(
-        self.num_classes, dtype=jnp.float32, param_dtype=self.config.backbone.params_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-        name="head")(pooled.astype(jnp.float32))
-    aux["logits"] = logits
-    return logits, aux
+# The classifier takes any image encoder; the name stays for checkpoints and HF.
+ViTClassifier = ImageClassifier
 
 
 def image_to_patches(images, config: ViTConfig):
@@ -227,44 +254,5 @@ def image_to_patches(images, config: ViTConfig):
 
 def patches_to_image(patches, config: ViTConfig, image_size=None):
   """Inverse of ``image_to_patches``."""
-  size = config.image_size if image_size is None else _pair(image_size)
+  size = config.image_size if image_size is None else pair(image_size)
   return unpatchify(patches, config.patch_size, size, config.channels)
-
-
-# ------------------------------------------------------- pretrained encoder
-
-def find_encoder(params) -> Any:
-  """The ViT encoder subtree of ViTClassifier / MAE / SimMIM / CLIP params
-  (or of a bare ``ViTEncoder``'s, as ``export_encoder`` writes them)."""
-  params = params_collection(params)
-  if "image" in params and "encoder" in params["image"]:
-    return params["image"]["encoder"]
-  if "encoder" in params:
-    return params["encoder"]
-  if "stem" in params and "backbone" in params:
-    return params
-  raise ValueError(f"no ViT encoder found in a param tree with keys {sorted(params)}; "
-                   "expected 'encoder' (ViT, MAE, SimMIM), 'image/encoder' (CLIP) or a bare "
-                   "encoder ('stem', 'backbone').")
-
-
-def merge_encoder(fresh, pretrained, config: ViTConfig):
-  """``fresh`` ``ViTEncoder`` params (boxed or plain) with the leaves of the
-  encoder in ``pretrained`` (see ``find_encoder``).
-
-  A learned position table of another resolution (a square pretraining
-  grid) is interpolated to ``config.grid``. Leaves only the model has (a
-  [CLS] token an MAE encoder lacks) stay fresh; leaves only the pretrained
-  encoder has (SimMIM's mask token) are dropped. Shapes must otherwise match.
-  """
-  def resize(key, table, shape):
-    if key[-1] != "pos_embedding" or len(shape) != 2 or table.shape[1:] != shape[1:]:
-      return table
-    side = math.isqrt(table.shape[0])
-    if side * side != table.shape[0]:
-      raise ValueError(f"pretrained position table {tuple(table.shape)} is not a square grid, "
-                       "so its resolution is unknown; fine-tune at the pretraining resolution.")
-    return interpolate_2d(jnp.asarray(table), (side, side), config.grid)
-
-  return merge_params(fresh, find_encoder(pretrained), extra="drop", resize=resize,
-                      where="encoder/")

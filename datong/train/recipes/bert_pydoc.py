@@ -17,7 +17,8 @@ embeddings, sequence 256, packed documents (no attention across topics).
 
 from datong.backbone import TransformerConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
-from datong.unimodal.text import BERTTaskConfig, TextConfig
+from datong.train.tasks.text import BERTTaskConfig
+from datong.unimodal.text import TextConfig
 
 NAME = "bert-pydoc"
 METRIC = "eval/mlm_accuracy"

@@ -21,12 +21,13 @@ single unseen prompts score 20-95% (ensemble 93%).
 """
 
 from datong.backbone import TransformerConfig
-from datong.multimodal.clip import ClipConfig, ClipTaskConfig
+from datong.multimodal.clip import ClipConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.train.datasets import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
+from datong.train.tasks.clip import ClipTaskConfig
+from datong.train.tasks.images import ImageData
 from datong.unimodal.text import TextConfig
 from datong.unimodal.vision import ViTConfig
-from datong.unimodal.vision_tasks import ImageData
 
 NAME = "clip-digits"
 METRIC = "eval/zero_shot_accuracy"

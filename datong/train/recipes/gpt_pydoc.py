@@ -29,7 +29,8 @@ across topics).
 
 from datong.backbone import TransformerConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
-from datong.unimodal.text import GPTTaskConfig, TextConfig
+from datong.train.tasks.text import GPTTaskConfig
+from datong.unimodal.text import TextConfig
 
 NAME = "gpt-pydoc"
 METRIC = "eval/bits_per_byte"

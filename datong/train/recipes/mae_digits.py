@@ -33,7 +33,9 @@ from datong.backbone import TransformerConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.unimodal.masked_image import MAEConfig
 from datong.unimodal.vision import ViTConfig
-from datong.unimodal.vision_tasks import ImageData, MAETaskConfig, ProbeConfig
+from datong.train.tasks.images import ImageData
+from datong.train.tasks.probes import ProbeConfig
+from datong.train.tasks.vision import MAETaskConfig
 
 NAME = "mae-digits"
 METRIC = "eval/linear_probe_accuracy"

@@ -19,7 +19,9 @@ from datong.backbone import TransformerConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.unimodal.masked_image import SimMIMConfig
 from datong.unimodal.vision import ViTConfig
-from datong.unimodal.vision_tasks import ImageData, ProbeConfig, SimMIMTaskConfig
+from datong.train.tasks.images import ImageData
+from datong.train.tasks.probes import ProbeConfig
+from datong.train.tasks.vision import SimMIMTaskConfig
 
 NAME = "simmim-digits"
 METRIC = "eval/linear_probe_accuracy"

@@ -32,7 +32,8 @@ is a ViT / MAE / SimMIM / CLIP run's workdir or its exported
 from datong.backbone import TransformerConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.unimodal.vision import ViTConfig
-from datong.unimodal.vision_tasks import ImageData, ViTClassifierConfig
+from datong.train.tasks.images import ImageData
+from datong.train.tasks.vision import ViTClassifierConfig
 
 NAME = "vit-digits"
 METRIC = "eval/accuracy"
