@@ -12,6 +12,7 @@ round-trip tests at the top need neither.
 import inspect
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,7 @@ def _random_params(model, *args, seed=0, scale=0.1):
 
   Norm scales are ``1 + noise``; everything else ``noise``.
   """
-  shapes = jax.eval_shape(lambda: hf.nn.unbox(model.init(jax.random.PRNGKey(0), *args)["params"]))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), *args)["params"]))
   rs = np.random.RandomState(seed)
   return jax.tree_util.tree_map_with_path(
       lambda path, s: (float(path[-1].key == "scale") + scale * rs.standard_normal(s.shape))

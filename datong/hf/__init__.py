@@ -1,0 +1,140 @@
+"""Hugging Face checkpoints <-> Datong models, without torch.
+
+Reads a local Hugging Face model directory (``config.json`` +
+``model.safetensors``, or shards listed in ``model.safetensors.index.json``),
+maps the config to Datong's config dataclasses, converts the weights and
+returns the Datong model with its ``params`` collection::
+
+    model, params = datong.hf.load("path/to/gpt2")
+    logits, aux = model.apply({"params": params}, ids)
+
+Supported ``architectures`` (the first entry of ``config.json``'s list), one
+module per family:
+
+* ``gpt2``: ``GPT2LMHeadModel``, ``GPT2Model`` -> ``GPT`` (learned positions,
+  pre-LN, tied or untied head);
+* ``bert``: ``BertForMaskedLM`` -> ``BERT``; ``BertForPreTraining`` -> ``BERT``
+  with ``nsp=True`` (pooler + next-sentence head);
+* ``vit``: ``ViTForImageClassification`` -> ``ViTClassifier`` (images NHWC:
+  transpose HF's NCHW pixel values);
+* ``vit_mae``: ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise,
+  ratio)`` reproduces HF's masking from its explicit ``noise``;
+* ``clip``: ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit
+  scale); ``load_clip_text`` loads the text tower alone.
+
+Anything else, and any config option Datong cannot reproduce exactly, raises
+``UnsupportedError`` naming it; checkpoint tensors the conversion does not
+use are an error too, so nothing is dropped silently.
+
+``save(model, params, path)`` writes the HF format back (``GPT`` ->
+``GPT2LMHeadModel``, ``ViTClassifier`` -> ``ViTForImageClassification``), so
+``transformers.AutoModel*.from_pretrained(path)`` loads a Datong-trained model.
+
+Each family module has ``ARCHITECTURES``, ``load(config, state,
+**backbone_overrides) -> (model, params)`` and, where it exports,
+``EXPORTS`` (model classes) and ``export(model, params) -> (config, tensors)``;
+the tables below are built from them.
+
+Layout notes (why the conversion is not a plain rename):
+
+* HF ``nn.Linear`` stores ``[out, in]``; GPT-2's ``Conv1D`` stores ``[in, out]``
+  with q/k/v fused in ``c_attn``. Datong's attention kernels are ``[embed,
+  heads, head_dim]`` (out: ``[heads, head_dim, embed]``).
+* HF ViT/CLIP/MAE add a position embedding to the [CLS] token; Datong's
+  position table covers patches only, so ``cls = cls_token + pos[0]`` (exact:
+  HF adds the same two float32 numbers). Export writes ``pos[0] = 0``.
+* Conv patch kernels ``[width, c, ph, pw]`` become the stem's dense kernel
+  ``[ph * pw * c, width]`` in ``ops.patchify`` order; missing biases (CLIP's
+  conv, ``qkv_bias=False``) are loaded as zeros, which is exact.
+* Dropout rates are not carried over (Datong applies dropout at other
+  places); pass ``dropout=...`` through ``backbone_overrides`` to fine-tune.
+
+No torch is needed: ``hf.safetensors`` reads and writes the format with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from datong.hf import bert, clip, gpt2, vit, vit_mae
+from datong.hf.bert import load_bert
+from datong.hf.clip import load_clip, load_clip_text
+from datong.hf.common import State, UnsupportedError
+from datong.hf.gpt2 import load_gpt2
+from datong.hf.safetensors import read_checkpoint, read_safetensors, write_safetensors
+from datong.hf.vit import load_vit
+from datong.hf.vit_mae import load_vit_mae, mae_masking
+# Config translations alone, reachable as hf.<name> as before the split.
+from datong.hf.bert import bert_config, bert_params  # noqa: F401
+from datong.hf.clip import clip_config  # noqa: F401
+from datong.hf.gpt2 import gpt2_config, gpt2_params  # noqa: F401
+from datong.hf.vit import vit_config  # noqa: F401
+from datong.hf.vit_mae import vit_mae_config  # noqa: F401
+
+__all__ = [
+    "UnsupportedError", "load", "load_gpt2", "load_bert", "load_vit", "load_vit_mae",
+    "load_clip", "load_clip_text", "mae_masking", "save", "read_checkpoint",
+    "read_safetensors", "write_safetensors", "SUPPORTED",
+]
+
+# The one registry: HF architecture name -> family loader, Datong model class
+# -> family exporter (checked with isinstance, in this order).
+_FAMILIES = (gpt2, bert, vit, vit_mae, clip)
+_LOADERS = {arch: family.load for family in _FAMILIES for arch in family.ARCHITECTURES}
+_EXPORTERS = tuple((cls, family.export) for family in _FAMILIES
+                   for cls in getattr(family, "EXPORTS", ()))
+SUPPORTED = tuple(_LOADERS)
+
+
+def load(path: str, **backbone_overrides):
+  """``(model, params)`` for the HF model directory ``path``.
+
+  ``backbone_overrides`` go to every ``TransformerConfig`` built (e.g.
+  ``scan_layers=True``, ``attention_impl="xla"``, ``dtype="bfloat16"``,
+  ``dropout=0.1``). ``params`` is the plain ``params`` collection:
+  ``model.apply({"params": params}, ...)``.
+  """
+  config, tensors = read_checkpoint(path)
+  archs = config.get("architectures") or []
+  if not archs:
+    raise UnsupportedError(f"{path}: config.json has no 'architectures' entry; call a "
+                           "per-architecture loader (load_gpt2, load_bert, ...).")
+  arch = archs[0]
+  if arch not in _LOADERS:
+    raise UnsupportedError(f"{path}: architecture {arch!r} (model_type "
+                           f"{config.get('model_type')!r}) is not supported; "
+                           f"supported: {', '.join(SUPPORTED)}.")
+  return _LOADERS[arch](config, State(tensors, arch), **backbone_overrides)
+
+
+def save(model: nn.Module, params, path: str) -> str:
+  """Write ``model`` + ``params`` as an HF directory (``config.json`` +
+  ``model.safetensors``) loadable by ``transformers``' ``from_pretrained``.
+
+  Supported: ``GPT`` (-> ``GPT2LMHeadModel``), ``ViTClassifier`` (->
+  ``ViTForImageClassification``). ``params`` may be boxed, scanned, or
+  wrapped in ``{"params": ...}``. Weights are written as float32.
+  """
+  params = nn.unbox(params)
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    params = params["params"]
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  export = next((fn for cls, fn in _EXPORTERS if isinstance(model, cls)), None)
+  if export is None:
+    names = ", ".join(cls.__name__ for cls, _ in _EXPORTERS)
+    raise UnsupportedError(f"save: no Hugging Face export for {type(model).__name__}; "
+                           f"supported: {names}.")
+  config, state = export(model, params)
+  config = {**config, "dtype": "float32", "torch_dtype": "float32"}
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  write_safetensors(os.path.join(path, "model.safetensors"),
+                    {k: np.asarray(v, np.float32) for k, v in state.items()})
+  return path

@@ -1,0 +1,149 @@
+"""CLIP (``CLIPModel``) -> Datong ``CLIP``, or its text tower alone.
+
+Both towers are pre-LN; the vision ``pre_layrnorm`` becomes
+``ViTConfig.pre_norm``. CLIP's patch conv has no bias: loaded as zeros, which
+is exact. Load only: there is no CLIP export yet.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from datong.backbone import TransformerConfig
+from datong.hf.common import (State, activation, backbone_params, finish, norm, pair,
+                              patch_kernel_to_datong, take_block)
+from datong.hf.safetensors import read_checkpoint
+from datong.multimodal.clip import CLIP, ClipConfig, TextTower
+from datong.unimodal.text import TextConfig
+from datong.unimodal.vision import ViTConfig
+
+ARCHITECTURES = ("CLIPModel",)
+
+_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+          "o": "self_attn.out_proj", "ln1": "layer_norm1", "fc1": "mlp.fc1",
+          "fc2": "mlp.fc2", "ln2": "layer_norm2"}
+
+
+def _backbone_config(c: Mapping, arch: str, **backbone_overrides) -> TransformerConfig:
+  return TransformerConfig(
+      width=c["hidden_size"], depth=c["num_hidden_layers"], heads=c["num_attention_heads"],
+      mlp_dim=c["intermediate_size"], activation=activation(c, arch, "hidden_act"),
+      norm_position="pre", norm_eps=c.get("layer_norm_eps", 1e-5), kernel_init="normal",
+      **backbone_overrides)
+
+
+def _ids(tc: Mapping) -> tuple[int, int]:
+  """Datong's ``(pad_id, eos_id)`` for a CLIP text config.
+
+  HF pools at the first ``eos_token_id``, or (legacy configs with
+  ``eos_token_id == 2``) at the largest id, which for CLIP's tokenizer is
+  its end-of-text token ``vocab_size - 1``. Datong treats ``pad_id`` tokens
+  as padding (HF does not without an attention mask): it must differ from
+  the EOS id.
+  """
+  vocab = tc.get("vocab_size", 49408)
+  eos = tc.get("eos_token_id", 49407)
+  if eos == 2:
+    eos = vocab - 1
+  pad = tc.get("pad_token_id", 1)
+  if pad is None or pad == eos:
+    pad = -1  # no id is padding: every token is real
+  return pad, eos
+
+
+def clip_config(config: Mapping, **backbone_overrides) -> ClipConfig:
+  tc, vc = config["text_config"], config["vision_config"]
+  text = TextConfig(backbone=_backbone_config(tc, "CLIP text", **backbone_overrides),
+                    vocab_size=tc.get("vocab_size", 49408), positions="learned",
+                    max_length=tc.get("max_position_embeddings", 77), tie_embeddings=False)
+  image = ViTConfig(_backbone_config(vc, "CLIP vision", **backbone_overrides),
+                    image_size=pair(vc.get("image_size", 224)),
+                    patch_size=pair(vc.get("patch_size", 32)),
+                    channels=vc.get("num_channels", 3), pool="cls", posemb="learned",
+                    pre_norm=True)
+  return ClipConfig(image=image, text=text, embed_dim=config.get("projection_dim", 512),
+                    text_pool="eos", text_causal=True, loss="softmax", max_scale=None,
+                    head_bias=False)
+
+
+def _text_params(cfg: ClipConfig, state: State) -> dict:
+  text = cfg.text
+  bb = text.backbone
+  p = "text_model."
+  layers = [take_block(state, f"{p}encoder.layers.{i}.", _LAYER, bb)
+            for i in range(bb.depth)]
+  return {
+      "stem": {"embedding": state.take(f"{p}embeddings.token_embedding.weight",
+                                       (text.vocab_size, bb.width)),
+               "pos_embedding": state.take(f"{p}embeddings.position_embedding.weight",
+                                           (text.max_length, bb.width))},
+      "backbone": backbone_params(layers, bb, (state.take(f"{p}final_layer_norm.weight"),
+                                               state.take(f"{p}final_layer_norm.bias"))),
+      "head": {"kernel": state.take("text_projection.weight", (cfg.embed_dim, bb.width)).T},
+  }
+
+
+def _image_params(cfg: ClipConfig, state: State) -> dict:
+  vit = cfg.image
+  bb = vit.backbone
+  d = bb.width
+  p = "vision_model."
+  e = f"{p}embeddings."
+  pos = state.take(f"{e}position_embedding.weight", (vit.num_patches + 1, d))
+  layers = [take_block(state, f"{p}encoder.layers.{i}.", _LAYER, bb)
+            for i in range(bb.depth)]
+  encoder = {
+      "stem": {"projection": {
+          "kernel": patch_kernel_to_datong(state.take(
+              f"{e}patch_embedding.weight", (d, vit.channels) + vit.patch_size)),
+          "bias": np.zeros((d,), np.float32)},  # CLIP's patch conv has no bias
+          "pos_embedding": pos[1:]},
+      "cls": state.take(f"{e}class_embedding", (d,)) + pos[0],
+      "pre_norm": norm(state.take(f"{p}pre_layrnorm.weight"), state.take(f"{p}pre_layrnorm.bias")),
+      # HF applies post_layernorm to the pooled [CLS] token only; Datong's
+      # final norm covers every token and pools after it: same pooled output.
+      "backbone": backbone_params(layers, bb, (state.take(f"{p}post_layernorm.weight"),
+                                               state.take(f"{p}post_layernorm.bias"))),
+  }
+  return {"encoder": encoder,
+          "head": {"kernel": state.take("visual_projection.weight", (cfg.embed_dim, d)).T}}
+
+
+def load(config: Mapping, state: State, **backbone_overrides):
+  """``(CLIP, params)`` from a CLIP ``config.json`` dict and its tensors."""
+  cfg = clip_config(config, **backbone_overrides)
+  pad, eos = _ids(config["text_config"])
+  model = CLIP(cfg, pad_id=pad, eos_id=eos)
+  params = {"image": _image_params(cfg, state), "text": _text_params(cfg, state),
+            "log_scale": state.take("logit_scale", ()).reshape(())}
+  images = jnp.zeros((1,) + cfg.image.image_size + (cfg.image.channels,), jnp.float32)
+  return model, finish(model, params, (images, jnp.zeros((1, 2), jnp.int32)), state)
+
+
+def load_clip(path: str, **backbone_overrides):
+  """``(CLIP, params)`` from a ``CLIPModel`` directory (vision ``pre_layrnorm``
+  becomes ``ViTConfig.pre_norm``)."""
+  config, tensors = read_checkpoint(path)
+  return load(config, State(tensors, "CLIPModel"), **backbone_overrides)
+
+
+def load_clip_text(path: str, **backbone_overrides):
+  """``(TextTower, params)``: CLIP's text encoder + projection alone.
+
+  ``tower.apply({"params": params}, ids) -> (normalized embeddings, aux)``;
+  ``aux["pooled"]`` is HF's ``pooler_output``, ``aux["encoded"]`` its
+  ``last_hidden_state`` (on real tokens).
+  """
+  config, tensors = read_checkpoint(path)
+  state = State(tensors, "CLIPModel (text tower)")
+  cfg = clip_config(config, **backbone_overrides)
+  pad, eos = _ids(config["text_config"])
+  tower = TextTower(cfg, pad_id=pad, eos_id=eos)
+  params = _text_params(cfg, state)
+  # The vision tower's tensors are known, just not wanted: not an error.
+  state.used.update(k for k in state.tensors if k.startswith("vision_model.")
+                    or k in ("visual_projection.weight", "logit_scale"))
+  return tower, finish(tower, params, (jnp.zeros((1, 2), jnp.int32),), state)

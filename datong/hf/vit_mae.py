@@ -1,0 +1,89 @@
+"""ViT-MAE (``ViTMAEForPreTraining``) -> Datong ``MAE``.
+
+The encoder is a ViT (shared with ``vit.py``); the fixed sin-cos tables HF
+stores are loaded as (learned) tables, which reproduces them exactly.
+``mae_masking(noise, ratio)`` reproduces HF's masking from its ``noise=``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from datong.backbone import TransformerConfig
+from datong.hf.common import State, UnsupportedError, backbone_params, finish, take_block
+from datong.hf.safetensors import read_checkpoint
+from datong.hf.vit import LAYER, vit_config, vit_encoder_params
+from datong.unimodal.masked_image import MAE, MAEConfig, Masking
+
+ARCHITECTURES = ("ViTMAEForPreTraining",)
+
+
+def mae_masking(noise, mask_ratio: float) -> Masking:
+  """HF ViT-MAE's masking from explicit ``noise [batch, n]``, as a ``Masking``.
+
+  Keeps the ``int(n * (1 - mask_ratio))`` patches with the smallest noise
+  (HF's count; ``masked_image.num_masked`` rounds the other way for some
+  ``n``), so ``MAE`` given these indices sees exactly HF's visible patches.
+  """
+  noise = jnp.asarray(noise)
+  n = noise.shape[1]
+  n_keep = int(n * (1 - mask_ratio))
+  shuffle = jnp.argsort(noise, axis=1)
+  restore = jnp.argsort(shuffle, axis=1)
+  mask = jnp.take_along_axis(jnp.arange(n)[None, :] >= n_keep, restore, axis=1)
+  return Masking(shuffle[:, :n_keep].astype(jnp.int32), restore.astype(jnp.int32), mask)
+
+
+def vit_mae_config(config: Mapping, **backbone_overrides) -> MAEConfig:
+  arch = "ViTMAE"
+  enc = vit_config(config, arch, **backbone_overrides)
+  dec = TransformerConfig(
+      width=config["decoder_hidden_size"], depth=config["decoder_num_hidden_layers"],
+      heads=config["decoder_num_attention_heads"], mlp_dim=config["decoder_intermediate_size"],
+      activation=enc.backbone.activation, norm_position="pre",
+      norm_eps=config.get("layer_norm_eps", 1e-12), kernel_init="xavier_uniform",
+      **backbone_overrides)
+  return MAEConfig(encoder=enc, decoder=dec, mask_ratio=config.get("mask_ratio", 0.75),
+                   norm_pix_loss=config.get("norm_pix_loss", False), decoder_posemb="learned")
+
+
+def load(config: Mapping, state: State, **backbone_overrides):
+  """``(MAE, params)`` from a ViT-MAE ``config.json`` dict and its tensors."""
+  cfg = vit_mae_config(config, **backbone_overrides)
+  model = MAE(cfg)
+  dec = cfg.decoder
+  n = cfg.encoder.num_patches
+  dpos = state.take("decoder.decoder_pos_embed", (1, n + 1, dec.width))[0]
+  if np.any(dpos[0] != 0):
+    raise UnsupportedError("ViTMAE: decoder_pos_embed has a nonzero [CLS] row; Datong's MAE "
+                           "decoder adds positions to patch tokens only.")
+  zero_qkv_bias = not config.get("qkv_bias", True)
+  layers = [take_block(state, f"decoder.decoder_encoder.layer.{i}.", LAYER, dec,
+                       zero_qkv_bias=zero_qkv_bias)
+            for i in range(dec.depth)]
+  params = {
+      "encoder": vit_encoder_params(cfg.encoder, state, "vit.", zero_qkv_bias=zero_qkv_bias),
+      "decoder_projection": {"kernel": state.take("decoder.decoder_embed.weight").T,
+                             "bias": state.take("decoder.decoder_embed.bias")},
+      "mask_token": state.take("decoder.mask_token", (1, 1, dec.width))[0, 0],
+      "decoder_pos_embedding": dpos[1:],
+      "decoder": backbone_params(layers, dec, (state.take("decoder.decoder_norm.weight"),
+                                               state.take("decoder.decoder_norm.bias"))),
+      "pixel_head": {"kernel": state.take("decoder.decoder_pred.weight").T,
+                     "bias": state.take("decoder.decoder_pred.bias")},
+  }
+  images = jnp.zeros((1,) + cfg.encoder.image_size + (cfg.encoder.channels,), jnp.float32)
+  m = mae_masking(jnp.zeros((1, n)), cfg.mask_ratio)
+  return model, finish(model, params, (images, m.keep_indices, m.restore_indices), state)
+
+
+def load_vit_mae(path: str, **backbone_overrides):
+  """``(MAE, params)`` from a ``ViTMAEForPreTraining`` directory.
+
+  Mask with ``mae_masking(noise, ratio)`` to match HF's ``noise=`` argument.
+  """
+  config, tensors = read_checkpoint(path)
+  return load(config, State(tensors, "ViTMAEForPreTraining"), **backbone_overrides)
