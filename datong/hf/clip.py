@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong.backbone import TransformerConfig
-from datong.hf.common import (State, activation, backbone_params, finish, norm, pair,
+from datong.hf.common import (State, activation, backbone_params, finish, norm,
                               patch_kernel_to_datong, take_block)
 from datong.hf.safetensors import read_checkpoint
+from datong.ops.patches import pair
 from datong.multimodal.clip import CLIP, ClipConfig, TextTower
 from datong.unimodal.text import TextConfig
 from datong.unimodal.vision import ViTConfig

@@ -84,11 +84,6 @@ def activation(config, arch, key="hidden_act"):
   return ACTIVATIONS[act]
 
 
-def pair(x) -> tuple[int, int]:
-  """An HF ``image_size`` / ``patch_size`` (int or pair) as ``(h, w)``."""
-  return (int(x), int(x)) if isinstance(x, (int, float)) else tuple(int(v) for v in x)
-
-
 # ------------------------------------------------------------- block math
 
 def norm(w, b):

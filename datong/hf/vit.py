@@ -17,9 +17,10 @@ import numpy as np
 from datong.backbone import TransformerConfig
 from datong.hf.common import (ACTIVATIONS_OUT, State, UnsupportedError, activation,
                               backbone_export_problems, backbone_params, block_from_datong,
-                              finish, layers_of, pair, patch_kernel_from_datong,
+                              finish, layers_of, patch_kernel_from_datong,
                               patch_kernel_to_datong, put_block, take_block)
 from datong.hf.safetensors import read_checkpoint
+from datong.ops.patches import pair
 from datong.ops.posemb import sincos_2d
 from datong.unimodal.vision import ViTClassifier, ViTConfig
 
@@ -98,6 +99,9 @@ def load_vit(path: str, **backbone_overrides):
 def export(model: ViTClassifier, params) -> tuple[dict, dict]:
   """``(config.json dict, state dict)`` of ``ViTForImageClassification``."""
   cfg = model.config
+  if not isinstance(cfg, ViTConfig):
+    raise UnsupportedError(f"ViT export: the classifier's encoder is a {type(cfg).__name__}; "
+                           "only a ViT encoder maps to ViTForImageClassification.")
   bb = cfg.backbone
   problems = backbone_export_problems(bb, norm_position="pre")
   if cfg.pool != "cls":
