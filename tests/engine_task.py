@@ -18,6 +18,23 @@ from datong.backbone import Transformer, TransformerConfig
 from datong.train.task import Task, transformer_flops_per_token
 
 
+class L2Mlp(nn.Module):
+  """A backbone MLP hook that also adds an auxiliary loss on its hidden
+  activations ``h`` ``[batch, length, mlp_dim]``: ``l2 = weight * mean(h**2)``."""
+  config: TransformerConfig
+  train: bool = False
+  weight: float = 0.01
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = lambda features, axes, name: nn.Dense(features, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), axes), name=name)
+    h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x))
+    y = dense(cfg.width, ("mlp", "embed"), "wo")(h)
+    return y, {"l2": self.weight * jnp.mean(jnp.square(h.astype(jnp.float32)))}
+
+
 class DigitNet(nn.Module):
   backbone: TransformerConfig
 
