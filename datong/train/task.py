@@ -83,6 +83,15 @@ class Task(abc.ABC):
     """Scalar float32 loss and a dict of scalar metrics. Pure and jittable.
 
     ``params`` is the unboxed ``params`` collection (no ``{"params": }``).
+
+    Auxiliary losses (a mixture of experts' load balancing, a router
+    z-loss): put a dict name -> float32 scalar under the metric key
+    ``"aux_losses"`` (e.g. the backbone's ``aux["losses"]``) and leave them
+    out of the returned loss. The engine adds them to it once, minimizes the
+    sum (logged as ``train/loss``, guarded against NaN) and logs
+    ``train/task_loss`` and ``train/aux_loss/<name>``; with microbatches,
+    each is averaged over them like the loss. ``evaluate`` reads only the
+    returned loss.
     """
 
   @abc.abstractmethod
