@@ -117,6 +117,23 @@ class TransformerConfig:
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
 
+  def flops_per_token(self, length: int, *, causal: bool = False) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token of one pass
+    over ``length`` positions; for MFU.
+
+    Forward per token: 2 per weight of the matmuls (query and out counted as
+    ``width x width``, key and value ``width x kv_heads * head_dim``, the MLP
+    three matrices when gated) plus attention scores and values,
+    ``2 * 2 * length * width``, halved when causal. Norms, softmax and
+    biases are not counted, nor ``Transformer``'s hooks: a ``layer_bias`` is
+    free and an ``mlp`` hook is counted as the default MLP.
+    """
+    kv_width = self.resolved_kv_heads * self.resolved_head_dim
+    projections = 2 * self.width * self.width + 2 * self.width * kv_width
+    mlp = (3 if self.activation in ("swiglu", "geglu") else 2) * self.width * self.mlp_dim
+    attention = 2 * 2 * length * self.width * (0.5 if causal else 1.0)
+    return 3.0 * self.depth * (2.0 * (projections + mlp) + attention)
+
   @classmethod
   def preset(cls, name: str, **overrides) -> "TransformerConfig":
     """A published size by name (see ``PRESETS``), with field overrides."""

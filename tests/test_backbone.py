@@ -12,6 +12,7 @@ import flax.linen as nn
 
 from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, Norm, Transformer, TransformerConfig,
                              count_params, init_cache, merge_params)
+from datong.train.task import transformer_flops_per_token
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_task import L2Mlp  # pylint: disable=wrong-import-position
@@ -433,3 +434,20 @@ def test_bad_hook_outputs_give_clear_errors():
     Transformer(cfg, layer_bias=Wrong).init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match=r"loss 'z' has shape \(3,\); reduce it to a scalar"):
     Transformer(cfg, layer_bias=functools.partial(Wrong, losses=True)).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("overrides,length,causal", [
+    (dict(), 197, False),
+    (dict(kv_heads=2, activation="swiglu"), 128, True),
+    (dict(head_dim=32, kv_heads=1, activation="geglu"), 50, True),
+])
+def test_config_flops_per_token_equals_the_task_helper(overrides, length, causal):
+  cfg = TransformerConfig.preset("vit-S", **overrides)
+  want = transformer_flops_per_token(
+      cfg.width, cfg.depth, cfg.mlp_dim, length, causal=causal,
+      gated=cfg.activation in ("swiglu", "geglu"),
+      kv_width=cfg.resolved_kv_heads * cfg.resolved_head_dim)
+  assert cfg.flops_per_token(length, causal=causal) == want
+  # Dense ViT-S, 197 tokens: 6 * (params + attention) per token, by hand.
+  if not overrides:
+    assert want == 3 * 12 * (2 * (4 * 384 * 384 + 2 * 384 * 1536) + 4 * 197 * 384)
