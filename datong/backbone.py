@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -118,16 +118,21 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
   def flops_per_token(self, length: int, *, causal: bool = False) -> float:
-    """Training FLOPs (3x forward) per token of one pass over ``length`` tokens.
+    """Training FLOPs (forward + backward = 3x forward) per token of one pass
+    over ``length`` positions; for MFU.
 
-    Forward per token: 2 * matmul params (q, k, v, out, mlp) + attention
-    scores and values (2 * 2 * length * width, halved when causal).
+    Forward per token: 2 per weight of the matmuls (query and out counted as
+    ``width x width``, key and value ``width x kv_heads * head_dim``, the MLP
+    three matrices when gated) plus attention scores and values,
+    ``2 * 2 * length * width``, halved when causal. Norms, softmax and
+    biases are not counted, nor ``Transformer``'s hooks: a ``layer_bias`` is
+    free and an ``mlp`` hook is counted as the default MLP.
     """
     kv_width = self.resolved_kv_heads * self.resolved_head_dim
-    attn_proj = 2 * self.width * self.width + 2 * self.width * kv_width
+    projections = 2 * self.width * self.width + 2 * self.width * kv_width
     mlp = (3 if self.activation in ("swiglu", "geglu") else 2) * self.width * self.mlp_dim
-    attn = 2 * 2 * length * self.width * (0.5 if causal else 1.0)
-    return 3.0 * self.depth * (2.0 * (attn_proj + mlp) + attn)
+    attention = 2 * 2 * length * self.width * (0.5 if causal else 1.0)
+    return 3.0 * self.depth * (2.0 * (projections + mlp) + attention)
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "TransformerConfig":
@@ -337,12 +342,34 @@ class Mlp(nn.Module):
     return dense("wo", cfg.width, ("mlp", "embed"), h)
 
 
+# Keys a ``layer_bias`` hook may return.
+LAYER_BIAS_KEYS = ("bias", "mask", "losses")
+
+
+def _add_losses(into: dict, losses, source: str):
+  """Adds ``losses`` (name -> scalar) into ``into``; equal names are summed."""
+  if not isinstance(losses, Mapping):
+    raise TypeError(f"{source} must give its auxiliary losses as a dict name -> scalar; "
+                    f"got {type(losses).__name__}.")
+  for name, value in losses.items():
+    value = jnp.asarray(value, jnp.float32)
+    if value.ndim:
+      raise ValueError(f"{source} auxiliary loss {name!r} has shape {value.shape}; "
+                       "reduce it to a scalar (mean over batch and positions).")
+    into[name] = into[name] + value if name in into else value
+
+
 class Block(nn.Module):
-  """One Transformer layer (self-attention, optional cross-attention, MLP)."""
+  """One Transformer layer (self-attention, optional cross-attention, MLP).
+
+  ``layer_bias`` and ``mlp`` are the hooks documented on ``Transformer``.
+  """
   config: TransformerConfig
   train: bool = False
   causal: bool = False
   return_layers: bool = False
+  layer_bias: Optional[Callable[..., nn.Module]] = None
+  mlp: Optional[Callable[..., nn.Module]] = None
 
   def _drop_path(self, residual, rate):
     """Stochastic depth: drop the whole branch per example."""
@@ -353,11 +380,17 @@ class Block(nn.Module):
     return jnp.where(keep, residual / (1.0 - rate), 0.0).astype(residual.dtype)
 
   @nn.compact
-  def __call__(self, x, drop_rate, cache, shared):
-    """``shared``: dict of per-call inputs broadcast to every layer."""
+  def __call__(self, x, layer_index, drop_rate, cache, shared):
+    """``layer_index``: int32 scalar (traced under scan); ``shared``: dict of
+    per-call inputs broadcast to every layer.
+
+    Returns ``x, (x or None, new_cache, losses)``; ``losses`` is a dict name ->
+    float32 scalar of this layer's auxiliary losses (``{}`` without any).
+    """
     cfg = self.config
     post = cfg.norm_position == "post"
     dropout = nn.Dropout(cfg.dropout)
+    losses: dict[str, jax.Array] = {}
 
     def residual(x, name, branch):
       h = branch(x if post else Norm(cfg, name=f"{name}_norm")(x))
@@ -365,23 +398,46 @@ class Block(nn.Module):
       x = x + h
       return Norm(cfg, name=f"{name}_norm")(x) if post else x
 
+    mask, bias = shared["mask"], shared["bias"]
+    if self.layer_bias is not None:
+      terms = self.layer_bias(cfg, name="attention_bias")(layer_index, x)
+      if not isinstance(terms, Mapping) or set(terms) - set(LAYER_BIAS_KEYS):
+        got = sorted(terms) if isinstance(terms, Mapping) else type(terms).__name__
+        raise ValueError(f"Transformer.layer_bias must return a dict with keys among "
+                         f"{LAYER_BIAS_KEYS}; got {got}.")
+      if terms.get("mask") is not None:
+        mask = terms["mask"] if mask is None else jnp.logical_and(mask, terms["mask"])
+      if terms.get("bias") is not None:
+        bias = terms["bias"] if bias is None else bias + terms["bias"]
+      _add_losses(losses, terms.get("losses", {}), "Transformer.layer_bias")
+
     new_cache = None
 
     def self_attention(h):
       nonlocal new_cache
+      # The sown attention weights see the same combined mask and bias.
       out, new_cache = Attention(cfg, self.train, name="attention")(
-          h, causal=self.causal, mask=shared["mask"], bias=shared["bias"],
+          h, causal=self.causal, mask=mask, bias=bias,
           q_segment_ids=shared["segment_ids"], kv_segment_ids=shared["kv_segment_ids"],
           positions=shared["positions"], cache=cache, cache_index=shared["cache_index"])
+      return out
+
+    def mlp(h):
+      if self.mlp is None:
+        return Mlp(cfg, self.train, name="mlp")(h)
+      out = self.mlp(cfg, train=self.train, name="mlp")(h)
+      if isinstance(out, tuple):
+        out, extra = out
+        _add_losses(losses, extra, "Transformer.mlp")
       return out
 
     x = residual(x, "attention", self_attention)
     if cfg.cross_attention:
       x = residual(x, "cross_attention", lambda h: Attention(cfg, self.train, name="cross_attention")(
           h, shared["context"], mask=shared["context_mask"])[0])
-    x = residual(x, "mlp", lambda h: Mlp(cfg, self.train, name="mlp")(h))
+    x = residual(x, "mlp", mlp)
     x = _constrain(x, ("batch", "length", "embed"))
-    return x, (x if self.return_layers else None, new_cache)
+    return x, (x if self.return_layers else None, new_cache, losses)
 
 
 _REMAT_POLICIES = {
@@ -396,10 +452,40 @@ class Transformer(nn.Module):
 
   Call: ``hidden, aux = Transformer(config)(x, causal=..., segment_ids=...)``.
   ``aux`` holds ``pre_norm`` (the last block's output before the final norm),
-  ``layers`` (``[depth, batch, length, width]``, when ``return_layers``) and
-  ``cache`` (when decoding with ``cache``).
+  ``layers`` (``[depth, batch, length, width]``, when ``return_layers``),
+  ``cache`` (when decoding with ``cache``) and, only when a layer adds
+  auxiliary losses, ``losses`` (name -> float32 scalar, summed over layers)
+  and ``layer_losses`` (name -> ``[depth]``).
+
+  Hooks, for architectures that change a layer's parts (module classes or
+  ``functools.partial``s of one; each layer builds its own instance, so its
+  parameters are per layer and stack on ``layers`` under ``scan_layers``):
+
+  ``layer_bias``: built as ``layer_bias(config, name="attention_bias")`` and
+  called ``(layer_index, x) -> dict`` with ``layer_index`` an int32 scalar
+  (traced under ``scan_layers``: branch with ``jnp.where``, not ``if``) and
+  ``x`` the block's input ``[batch, length, width]``. The dict may hold
+  ``"bias"`` (additive float, broadcastable to ``[batch, heads, length,
+  kv_length]``; added to the call's ``bias``), ``"mask"`` (boolean, same
+  broadcast; and-ed with the call's ``mask``) and ``"losses"``. It acts on
+  self-attention only, and the sown attention weights include it. E.g. a
+  BEiT / Swin relative-position table ``[(2M-1)^2, heads]`` per layer, with
+  Swin's shifted windows on odd layers. With a KV cache ``kv_length`` is
+  the cache length.
+
+  ``mlp``: replaces ``Mlp`` (the parameters keep the name ``mlp``): built as
+  ``mlp(config, train=train, name="mlp")`` and called ``(h) -> y`` or
+  ``(h) -> (y, losses)``, ``h`` and ``y`` ``[batch, length, width]``; e.g. a
+  mixture of experts returning its load-balancing loss.
+
+  ``losses`` of a hook: a dict name -> scalar, reduced over batch and
+  positions. Equal names add up; every layer must give the same names. A
+  task passes ``aux["losses"]`` to the engine as its metric
+  ``"aux_losses"`` (see ``Task.loss``) to have them minimized.
   """
   config: TransformerConfig
+  layer_bias: Optional[Callable[..., nn.Module]] = None
+  mlp: Optional[Callable[..., nn.Module]] = None
 
   @nn.compact
   def __call__(self, x, *, causal: bool = False, segment_ids=None, mask=None,
@@ -451,38 +537,48 @@ class Transformer(nn.Module):
                   kv_segment_ids=kv_segment_ids, positions=positions,
                   cache_index=cache_index, context=context, context_mask=context_mask)
     drop_rates = cfg.stochastic_depth * jnp.arange(cfg.depth, dtype=jnp.float32) / max(cfg.depth - 1, 1)
+    layer_indices = jnp.arange(cfg.depth, dtype=jnp.int32)
 
-    block = functools.partial(Block, cfg, train=train, causal=causal,
-                              return_layers=return_layers)
+    hooks = dict(layer_bias=self.layer_bias, mlp=self.mlp)
     block_cls = Block
     if cfg.remat != "none":
       block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
-      block = functools.partial(block_cls, cfg, train=train, causal=causal,
-                                return_layers=return_layers)
+    block = functools.partial(block_cls, cfg, train=train, causal=causal,
+                              return_layers=return_layers, **hooks)
     if cfg.scan_layers:
       stack = nn.scan(block_cls, variable_axes={"params": 0, WEIGHTS_COLLECTION: 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, 0, nn.broadcast), length=cfg.depth,
+                      in_axes=(0, 0, 0, nn.broadcast), length=cfg.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, (layer_outs, new_cache) = stack(cfg, train=train, causal=causal,
-                                         return_layers=return_layers,
-                                         name="layers")(x, drop_rates, cache, shared)
+      x, (layer_outs, new_cache, layer_losses) = stack(
+          cfg, train=train, causal=causal, return_layers=return_layers, **hooks,
+          name="layers")(x, layer_indices, drop_rates, cache, shared)
     else:
-      outs, caches = [], []
+      outs, caches, losses = [], [], []
       for i in range(cfg.depth):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, (out, c) = block(name=f"layer_{i}")(x, drop_rates[i], layer_cache, shared)
+        x, (out, c, loss) = block(name=f"layer_{i}")(x, layer_indices[i], drop_rates[i],
+                                                     layer_cache, shared)
         outs.append(out)
         caches.append(c)
+        losses.append(loss)
       layer_outs = jnp.stack(outs) if return_layers else None
       new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+      for i, loss in enumerate(losses):
+        if sorted(loss) != sorted(losses[0]):  # scan needs it too: one pytree per layer
+          raise ValueError(f"every layer must add the same auxiliary losses; layer 0 adds "
+                           f"{sorted(losses[0])}, layer {i} adds {sorted(loss)}.")
+      layer_losses = {k: jnp.stack([loss[k] for loss in losses]) for k in losses[0]}
 
     aux = {"pre_norm": x}
     if return_layers:
       aux["layers"] = layer_outs
     if cache is not None:
       aux["cache"] = new_cache
+    if layer_losses:  # no key without losses: aux stays as it was
+      aux["losses"] = {k: jnp.sum(v) for k, v in layer_losses.items()}
+      aux["layer_losses"] = layer_losses
     if cfg.has_final_norm:
       x = Norm(cfg, name="final_norm")(x)
     return x, aux

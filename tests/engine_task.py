@@ -6,6 +6,7 @@ engine tests independent of it.)
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -15,27 +16,48 @@ import optax
 
 from datong import ops
 from datong.backbone import Transformer, TransformerConfig
-from datong.train.task import Task, transformer_flops_per_token
+from datong.train.task import Task
+
+
+class L2Mlp(nn.Module):
+  """A backbone MLP hook that also adds an auxiliary loss on its hidden
+  activations ``h`` ``[batch, length, mlp_dim]``: ``l2 = weight * mean(h**2)``."""
+  config: TransformerConfig
+  train: bool = False
+  weight: float = 0.01
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = lambda features, axes, name: nn.Dense(features, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), axes), name=name)
+    h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x))
+    y = dense(cfg.width, ("mlp", "embed"), "wo")(h)
+    return y, {"l2": self.weight * jnp.mean(jnp.square(h.astype(jnp.float32)))}
 
 
 class DigitNet(nn.Module):
   backbone: TransformerConfig
+  aux_l2: float = 0.0  # > 0: every layer's MLP adds an "l2" auxiliary loss
 
   @nn.compact
-  def __call__(self, images, train=False):
+  def __call__(self, images, train=False, return_aux=False):
     x = ops.patchify(images.astype(jnp.float32) / 255.0, 2)  # [b, 16, 4]
     x = nn.Dense(self.backbone.width, kernel_init=nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), ("patch", "embed")), name="stem")(x)
     x = x + self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("length", "embed")), (16, self.backbone.width))
-    x, _ = Transformer(self.backbone, name="backbone")(x, train=train)
-    return nn.Dense(10, name="head")(x.mean(axis=1))
+    mlp = functools.partial(L2Mlp, weight=self.aux_l2) if self.aux_l2 else None
+    x, aux = Transformer(self.backbone, mlp=mlp, name="backbone")(x, train=train)
+    logits = nn.Dense(10, name="head")(x.mean(axis=1))
+    return (logits, aux) if return_aux else logits
 
 
 @dataclasses.dataclass(frozen=True)
 class DigitsTaskConfig:
   backbone: TransformerConfig = TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64)
   nan_loss: bool = False  # tests: every loss is NaN
+  aux_l2: float = 0.0  # tests: weight of an auxiliary loss inside the backbone
 
   def build(self):
     return DigitsTask(self)
@@ -46,7 +68,7 @@ class DigitsTask(Task):
 
   def __init__(self, config):
     self.config = config
-    self.model = DigitNet(config.backbone)
+    self.model = DigitNet(config.backbone, aux_l2=config.aux_l2)
 
   def batch_spec(self, batch_size):
     return {"image": jax.ShapeDtypeStruct((batch_size, 8, 8, 1), jnp.uint8),
@@ -63,13 +85,15 @@ class DigitsTask(Task):
     return self.model.init(rng, jnp.zeros(batch["image"].shape, jnp.uint8))
 
   def loss(self, params, batch, rng, *, train=True):
-    logits = self.model.apply({"params": params}, batch["image"], train=train,
-                              rngs={"dropout": rng})
+    logits, aux = self.model.apply({"params": params}, batch["image"], train=train,
+                                   return_aux=True, rngs={"dropout": rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     if self.config.nan_loss:
       loss = loss * jnp.nan
-    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, {"accuracy": acc}
+    metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if "losses" in aux:  # the engine adds them to the objective
+      metrics["aux_losses"] = aux["losses"]
+    return loss, metrics
 
   def evaluate(self, params, ctx):
     apply = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
@@ -83,7 +107,7 @@ class DigitsTask(Task):
 
   def flops_per_example(self):
     b = self.config.backbone
-    return 16 * transformer_flops_per_token(b.width, b.depth, b.mlp_dim, 16)
+    return 16 * b.flops_per_token(16)
 
   def tokens_per_example(self):
     return 16

@@ -1,4 +1,8 @@
-"""The shared Transformer: configs, presets, scan/remat equivalence, masking, cache."""
+"""The shared Transformer: configs, presets, scan/remat equivalence, masking, cache, hooks."""
+
+import functools
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -6,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from datong.backbone import (PRESETS, Transformer, TransformerConfig, count_params,
-                             init_cache, merge_params)
+from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, Norm, Transformer, TransformerConfig,
+                             count_params, init_cache, merge_params)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from engine_task import L2Mlp  # pylint: disable=wrong-import-position
 
 
 def _init(cfg, x, **kw):
@@ -254,3 +261,192 @@ def test_merge_params_swaps_shared_leaves_and_keeps_boxes_and_fresh_leaves():
     merge_params(fresh, wide)
   cut = merge_params(fresh, wide, resize=lambda key, a, shape: a[..., :shape[-1]] + 2.0)
   assert float(jnp.min(nn.unbox(cut)["layer_0"]["mlp"]["wi"]["kernel"])) == 2.0
+
+
+# ---------------------------------------------------------------- hooks
+
+class RelPosWindowBias(nn.Module):
+  """A layer's learned relative-position bias and Swin-like windows.
+
+  Table ``[2 * max_len - 1, heads]`` (a 1-D BEiT table); windows of
+  ``window`` positions, shifted by half a window on odd layers.
+  """
+  config: TransformerConfig
+  max_len: int = 8
+  window: int = 4
+
+  @nn.compact
+  def __call__(self, layer_index, x):
+    table = self.param("table", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (None, "heads")), (2 * self.max_len - 1, self.config.heads))
+    pos = jnp.arange(x.shape[1])
+    rel = pos[:, None] - pos[None, :] + self.max_len - 1  # [q, kv]
+    shift = jnp.where(layer_index % 2 == 1, self.window // 2, 0)  # traced under scan
+    win = (pos + shift) // self.window
+    return {"bias": jnp.transpose(table[rel], (2, 0, 1))[None],
+            "mask": (win[:, None] == win[None, :])[None, None]}
+
+
+class ZeroBias(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, layer_index, x):
+    del layer_index
+    return {"bias": jnp.zeros((1, self.config.heads, x.shape[1], x.shape[1]))}
+
+
+def _hand_bias_and_mask(table, layer, length, max_len=8, window=4):
+  """The same bias [1, heads, q, kv] and mask [1, 1, q, kv], written out by hand."""
+  heads = table.shape[1]
+  bias = jnp.stack([jnp.stack([jnp.stack([table[i - j + max_len - 1, h] for j in range(length)])
+                               for i in range(length)]) for h in range(heads)])[None]
+  shift = window // 2 if layer % 2 else 0
+  mask = np.array([[(i + shift) // window == (j + shift) // window for j in range(length)]
+                   for i in range(length)])[None, None]
+  return bias, jnp.asarray(mask)
+
+
+def _hook_reference(cfg, params, x, mask, bias):
+  """Layer by layer through one-layer backbones given each layer's bias and mask."""
+  one = Transformer(cfg.replace(depth=1, final_norm=False))
+  p = nn.unbox(params)["params"]
+  weights = []
+  for i in range(cfg.depth):
+    layer = dict(p[f"layer_{i}"])
+    hook_bias, hook_mask = _hand_bias_and_mask(layer.pop("attention_bias")["table"], i, x.shape[1])
+    (x, _), state = one.apply({"params": {"layer_0": layer}}, x, mask=jnp.logical_and(mask, hook_mask),
+                              bias=bias + hook_bias, mutable=[WEIGHTS_COLLECTION])
+    weights.append(state[WEIGHTS_COLLECTION]["layer_0"]["attention"]["weights"][0])
+  return Norm(cfg).apply({"params": p["final_norm"]}, x), weights
+
+
+def test_per_layer_bias_hook_equals_hand_reference_scanned_rematted_and_unrolled():
+  cfg = TransformerConfig.preset("tiny", depth=3)
+  x = _x(length=8)
+  valid = jnp.array([[True] * 8, [True] * 6 + [False] * 2])[:, None, None, :]
+  call_bias = jax.random.normal(jax.random.PRNGKey(5), (1, cfg.heads, 8, 8))
+  kw = dict(mask=valid, bias=call_bias)
+  model = lambda c: Transformer(c, layer_bias=RelPosWindowBias)
+  params = model(cfg).init(jax.random.PRNGKey(0), x, **kw)
+  tables = [nn.unbox(params)["params"][f"layer_{i}"]["attention_bias"]["table"] for i in range(3)]
+  assert tables[0].shape == (15, cfg.heads) and not np.allclose(tables[0], tables[1])
+
+  out, state = model(cfg).apply(params, x, **kw, mutable=[WEIGHTS_COLLECTION])
+  want, want_weights = _hook_reference(cfg, params, x, valid, call_bias)
+  np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=1e-5)
+  # Sown weights carry the hook's bias and mask: layer 1's shifted windows
+  # {0, 1}, {2..5}, {6, 7} get nothing from outside.
+  for i in range(3):
+    np.testing.assert_allclose(state[WEIGHTS_COLLECTION][f"layer_{i}"]["attention"]["weights"][0],
+                               want_weights[i], atol=1e-6)
+  w1 = state[WEIGHTS_COLLECTION]["layer_1"]["attention"]["weights"][0]
+  assert float(jnp.max(jnp.abs(w1[:, :, 2:6, :2]))) == 0.0 and float(jnp.min(w1[0, :, 2:6, 2:6])) > 0
+
+  scanned = _loop_to_scan(params, cfg.depth)
+  for variant in (dict(scan_layers=True), dict(scan_layers=True, remat="full"), dict(remat="dots")):
+    c = cfg.replace(**variant)
+    got, _ = model(c).apply(scanned if c.scan_layers else params, x, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(variant))
+  scan_init = model(cfg.replace(scan_layers=True)).init(jax.random.PRNGKey(0), x, **kw)
+  assert jax.tree.map(jnp.shape, nn.unbox(scan_init)) == jax.tree.map(jnp.shape, scanned)
+  assert scan_init["params"]["layers"]["attention_bias"]["table"].names == ("layers", None, "heads")
+
+  # Gradients reach every layer's table, as through the hand-built bias.
+  # (Not mean(out**2): after the final LayerNorm that is ~1 whatever the bias.)
+  probe = jax.random.normal(jax.random.PRNGKey(9), x.shape)
+
+  def loss(apply):
+    return lambda p: jnp.mean(apply(p) * probe)
+  g_loop = jax.grad(loss(lambda p: model(cfg).apply(p, x, **kw)[0]))(params)
+  g_ref = jax.grad(loss(lambda p: _hook_reference(cfg, p, x, valid, call_bias)[0]))(params)
+  g_scan = jax.grad(loss(lambda p: model(cfg.replace(scan_layers=True, remat="full")).apply(
+      p, x, **kw)[0]))(scanned)
+  for i in range(3):
+    g = nn.unbox(g_loop)["params"][f"layer_{i}"]["attention_bias"]["table"]
+    assert float(jnp.max(jnp.abs(g))) > 1e-4
+    np.testing.assert_allclose(g, nn.unbox(g_ref)["params"][f"layer_{i}"]["attention_bias"]["table"],
+                               rtol=1e-4, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(_loop_to_scan(g_loop, cfg.depth))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_zero_bias_hook_changes_nothing(scan):
+  cfg = TransformerConfig.preset("tiny", scan_layers=scan)
+  x = _x()
+  params = _init(cfg, x)
+  hooked = Transformer(cfg, layer_bias=ZeroBias)
+  assert jax.tree.map(jnp.shape, nn.unbox(hooked.init(jax.random.PRNGKey(0), x))) == \
+      jax.tree.map(jnp.shape, nn.unbox(params))
+  want, want_aux = Transformer(cfg).apply(params, x, causal=True)
+  got, aux = hooked.apply(params, x, causal=True)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert sorted(aux) == sorted(want_aux) == ["pre_norm"]  # no "losses" without losses
+
+
+def test_aux_losses_of_an_mlp_hook_are_summed_over_layers_scanned_and_unrolled():
+  cfg = TransformerConfig.preset("tiny", depth=3)
+  x = _x()
+  model = lambda c: Transformer(c, mlp=L2Mlp)
+  params = model(cfg).init(jax.random.PRNGKey(0), x)
+  assert set(nn.unbox(params)["params"]["layer_0"]["mlp"]) == {"wi", "wo"}
+  (_, aux), state = model(cfg).apply(params, x, capture_intermediates=lambda m, _: isinstance(m, L2Mlp),
+                                     mutable=["intermediates"])
+  # What each layer's hook returned, read back from flax's intermediates.
+  per_layer = jnp.stack([state["intermediates"][f"layer_{i}"]["mlp"]["__call__"][0][1]["l2"]
+                         for i in range(3)])
+  assert len(set(np.asarray(per_layer).tolist())) == 3 and float(jnp.min(per_layer)) > 0
+  np.testing.assert_array_equal(aux["layer_losses"]["l2"], per_layer)
+  np.testing.assert_allclose(aux["losses"]["l2"], jnp.sum(per_layer), rtol=1e-6)
+  assert aux["losses"]["l2"].shape == () and aux["losses"]["l2"].dtype == jnp.float32
+
+  scanned = _loop_to_scan(params, cfg.depth)
+  loss = lambda c: jax.value_and_grad(lambda p: model(c).apply(p, x)[1]["losses"]["l2"])
+  value, grads = loss(cfg)(params)
+  for c in (cfg.replace(scan_layers=True), cfg.replace(scan_layers=True, remat="dots")):
+    _, scan_aux = model(c).apply(scanned, x)
+    np.testing.assert_allclose(scan_aux["layer_losses"]["l2"], per_layer, rtol=1e-5)
+    scan_value, scan_grads = loss(c)(scanned)
+    np.testing.assert_allclose(scan_value, value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(scan_grads), jax.tree.leaves(_loop_to_scan(grads, cfg.depth))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # The aux loss's gradient reaches every layer's MLP.
+  for i in range(3):
+    assert float(jnp.max(jnp.abs(nn.unbox(grads)["params"][f"layer_{i}"]["mlp"]["wi"]["kernel"]))) > 0
+
+
+def test_bad_hook_outputs_give_clear_errors():
+  cfg = TransformerConfig.preset("tiny")
+  x = _x()
+
+  class Wrong(nn.Module):
+    config: TransformerConfig
+    losses: bool = False
+
+    def __call__(self, layer_index, x):
+      if self.losses:
+        return {"losses": {"z": jnp.ones(3)}}
+      return {"biass": 0.0}
+
+  with pytest.raises(ValueError, match=r"layer_bias must return a dict with keys among .*biass"):
+    Transformer(cfg, layer_bias=Wrong).init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match=r"loss 'z' has shape \(3,\); reduce it to a scalar"):
+    Transformer(cfg, layer_bias=functools.partial(Wrong, losses=True)).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("overrides,length,causal", [
+    (dict(), 197, False),
+    (dict(kv_heads=2, activation="swiglu"), 128, True),
+    (dict(head_dim=32, kv_heads=1, activation="geglu"), 50, True),
+])
+def test_config_flops_per_token_counts_matmuls_and_attention_by_hand(overrides, length, causal):
+  """6 x (weights of q, k, v, out and the MLP + attention scores and values) per token."""
+  cfg = TransformerConfig.preset("vit-S", **overrides)
+  w, kv = cfg.width, cfg.resolved_kv_heads * cfg.resolved_head_dim
+  mlp_mats = 3 if cfg.activation in ("swiglu", "geglu") else 2
+  attention = 4 * length * w * (0.5 if causal else 1.0)
+  want = 3 * cfg.depth * (2 * (2 * w * w + 2 * w * kv + mlp_mats * w * cfg.mlp_dim) + attention)
+  assert cfg.flops_per_token(length, causal=causal) == want
+  if not overrides:  # dense ViT-S, 197 tokens
+    assert want == 3 * 12 * (2 * (4 * 384 * 384 + 2 * 384 * 1536) + 4 * 197 * 384)

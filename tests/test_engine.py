@@ -94,6 +94,55 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def _with_task(cfg, **task):
+  return cfg.__class__(**{**cfg.__dict__, "task": DigitsTaskConfig(**task)})
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_aux_losses_from_inside_the_backbone_are_minimized_and_logged(tmp_path, microbatches):
+  trainer = loop.Trainer(_with_task(_config(microbatches=microbatches), aux_l2=0.5), str(tmp_path))
+  task = trainer.task
+  state = trainer.init_state()
+  from datong.train import data as data_lib  # pylint: disable=import-outside-toplevel
+  it = trainer.train_iterator()
+  batch = data_lib.to_global(next(it), trainer.batch_sharding)
+  it.close()
+  rng = jax.random.PRNGKey(0)
+
+  def parts(p):  # by hand: the task's loss and its l2, each differentiated alone
+    loss, metrics = task.loss(p, batch, rng)
+    return loss, metrics["aux_losses"]["l2"]
+
+  with trainer._context():  # pylint: disable=protected-access
+    loss, metrics, grads = jax.jit(trainer._grads)(state.params, batch, rng)  # pylint: disable=protected-access
+    task_loss, l2 = jax.jit(parts)(state.params)
+    g_task = jax.jit(jax.grad(lambda p: parts(p)[0]))(state.params)
+    g_l2 = jax.jit(jax.grad(lambda p: parts(p)[1]))(state.params)
+  assert float(l2) > 0.01
+  np.testing.assert_allclose(metrics["aux_loss/l2"], l2, rtol=1e-5)
+  np.testing.assert_allclose(metrics["task_loss"], task_loss, rtol=1e-5)
+  np.testing.assert_allclose(loss, task_loss + l2, rtol=1e-5)
+  # The engine's gradient is the task's plus exactly the aux term's.
+  g_l2_leaves = jax.tree.leaves(g_l2)
+  assert max(float(np.max(np.abs(g))) for g in g_l2_leaves) > 1e-3
+  for g, a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_task), g_l2_leaves):
+    np.testing.assert_allclose(g, a + b, rtol=1e-4, atol=1e-6)
+
+  # A task without aux losses sees its metrics untouched.
+  plain = loop.Trainer(_config(microbatches=microbatches), str(tmp_path))
+  with plain._context():  # pylint: disable=protected-access
+    _, plain_metrics, _ = jax.eval_shape(plain._grads, state.params, batch, rng)  # pylint: disable=protected-access
+  assert set(plain_metrics) == {"accuracy"}
+
+  _, step_metrics = trainer.step(state, batch)
+  step_metrics = jax.device_get(step_metrics)
+  assert {"train/aux_loss/l2", "train/task_loss", "train/accuracy"} <= set(step_metrics)
+  assert not any("aux_losses" in k for k in step_metrics)
+  np.testing.assert_allclose(step_metrics["train/loss"],
+                             step_metrics["train/task_loss"] + step_metrics["train/aux_loss/l2"],
+                             rtol=1e-6)
+
+
 def test_outputs_metrics_tensorboard_and_plots(tmp_path):
   workdir = str(tmp_path / "run")
   result = loop.train(_config(steps=4), workdir, progress=False)

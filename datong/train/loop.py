@@ -9,7 +9,8 @@ The step is ``step(state, batch) -> (state, metrics)``, jitted once with
 explicit in/out shardings and the state donated. Metrics of step ``t`` are
 read on the host while step ``t + 1`` runs, so there is no host sync in the
 step; a NaN/inf loss or gradient never reaches the state (the update is
-skipped on device), so no checkpoint can hold it.
+skipped on device), so no checkpoint can hold it. The loss minimized is the
+task's loss plus the ``aux_losses`` it reports (see ``Task.loss``).
 """
 
 from __future__ import annotations
@@ -156,10 +157,32 @@ class Trainer:
                       opt_state=self.tx.init(params),
                       rng=jax.random.fold_in(rng_data, 1))
 
+  def _objective(self, params, batch, rng):
+    """The task's loss plus its auxiliary losses, and flat metrics.
+
+    A task's metric ``"aux_losses"`` (name -> scalar) is added to the loss
+    here, once, and reported as ``aux_loss/<name>`` next to ``task_loss``;
+    the returned loss is the total being minimized. Without it, the task's
+    loss and metrics pass through untouched.
+    """
+    loss, metrics = self.task.loss(params, batch, rng, train=True)
+    if "aux_losses" not in metrics:
+      return loss, metrics
+    metrics = dict(metrics)
+    aux = metrics.pop("aux_losses")
+    metrics["task_loss"] = loss
+    for name in sorted(aux):
+      value = jnp.asarray(aux[name], jnp.float32)
+      if value.ndim:
+        raise ValueError(f"aux_losses[{name!r}] from {type(self.task).__name__}.loss has shape "
+                         f"{value.shape}; auxiliary losses must be scalars.")
+      metrics[f"aux_loss/{name}"] = value
+      loss = loss + value
+    return loss, metrics
+
   def _grads(self, params, batch, rng):
     """Loss, metrics and float32 gradients, accumulated over microbatches."""
-    grad_fn = jax.value_and_grad(
-        lambda p, b, r: self.task.loss(p, b, r, train=True), has_aux=True)
+    grad_fn = jax.value_and_grad(self._objective, has_aux=True)
     m = self.config.train.microbatches
     if m == 1:
       (loss, metrics), grads = grad_fn(params, batch, rng)

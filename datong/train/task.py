@@ -83,6 +83,15 @@ class Task(abc.ABC):
     """Scalar float32 loss and a dict of scalar metrics. Pure and jittable.
 
     ``params`` is the unboxed ``params`` collection (no ``{"params": }``).
+
+    Auxiliary losses (a mixture of experts' load balancing, a router
+    z-loss): put a dict name -> float32 scalar under the metric key
+    ``"aux_losses"`` (e.g. the backbone's ``aux["losses"]``) and leave them
+    out of the returned loss. The engine adds them to it once, minimizes the
+    sum (logged as ``train/loss``, guarded against NaN) and logs
+    ``train/task_loss`` and ``train/aux_loss/<name>``; with microbatches,
+    each is averaged over them like the loss. ``evaluate`` reads only the
+    returned loss.
     """
 
   @abc.abstractmethod
@@ -142,18 +151,3 @@ class Task(abc.ABC):
     """Per-leaf learning-rate multipliers (layer-wise decay); None: all 1."""
     del params
     return None
-
-
-def transformer_flops_per_token(width: int, depth: int, mlp_dim: int, length: int,
-                                *, causal: bool = False, gated: bool = False,
-                                kv_width: Optional[int] = None) -> float:
-  """Training FLOPs (3x forward) per token of one backbone pass.
-
-  Forward per token: 2 * matmul params (q, k, v, out, mlp) + attention
-  scores and values (2 * 2 * length * width, halved when causal).
-  """
-  kv_width = width if kv_width is None else kv_width
-  attn_proj = 2 * width * width + 2 * width * kv_width
-  mlp = (3 if gated else 2) * width * mlp_dim
-  attn = 2 * 2 * length * width * (0.5 if causal else 1.0)
-  return 3.0 * depth * (2.0 * (attn_proj + mlp) + attn)

@@ -20,7 +20,7 @@ import numpy as np
 
 from datong.ops.losses import classification_loss, cross_entropy
 from datong.train import data
-from datong.train.task import EvalContext, Task, transformer_flops_per_token
+from datong.train.task import EvalContext, Task
 from datong.unimodal.text import BERT, GPT, LN2, TextConfig, causal_lm_loss, mlm_loss, mlm_mask
 from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, Tokenizer, special_ids,
@@ -145,14 +145,6 @@ def _encode(tokenizer: Tokenizer, doc: bytes) -> np.ndarray:
   if isinstance(tokenizer, BPETokenizer):
     return np.asarray(tokenizer.encode_bytes(doc), np.int32)
   return np.asarray(tokenizer.encode(doc.decode("utf-8", errors="replace")), np.int32)
-
-
-def _backbone_flops(cfg: TextConfig, length: int, causal: bool) -> float:
-  bb = cfg.backbone
-  return transformer_flops_per_token(
-      bb.width, bb.depth, bb.mlp_dim, length, causal=causal,
-      gated=bb.activation in ("swiglu", "geglu"),
-      kv_width=bb.resolved_kv_heads * bb.resolved_head_dim)
 
 
 def _zeros(spec):
@@ -324,7 +316,7 @@ class GPTTask(Task):
   def flops_per_example(self):
     cfg, length = self.config.model, self.config.seq_length
     head = 3 * 2 * cfg.backbone.width * cfg.vocab_size
-    return float(length * (_backbone_flops(cfg, length, causal=True) + head))
+    return float(length * (cfg.backbone.flops_per_token(length, causal=True) + head))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,7 +457,7 @@ class BERTTask(Task):
     cfg, length = self.config.model, self.config.seq_length
     w = cfg.backbone.width
     head = 3 * 2 * (w * cfg.vocab_size + w * w)
-    return float(length * (_backbone_flops(cfg, length, causal=False) + head))
+    return float(length * (cfg.backbone.flops_per_token(length) + head))
 
 
 def nsp_pairs(docs: Sequence[np.ndarray], length: int, tokenizer: Tokenizer,
