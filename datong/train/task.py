@@ -61,6 +61,24 @@ def path_names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
+def with_aux_losses(metrics: Metrics, aux: Mapping) -> Metrics:
+  """``metrics`` plus ``"aux_losses"``: every ``losses`` dict in a model's
+  (nested) ``aux`` summed by name (an image and a text tower, an encoder
+  and a decoder); ``metrics`` unchanged when the model added none."""
+  found: dict[str, Any] = {}
+
+  def walk(node):
+    for key, value in node.items():
+      if key == "losses" and isinstance(value, Mapping):
+        for name, loss in value.items():
+          found[name] = found[name] + loss if name in found else loss
+      elif isinstance(value, Mapping) and key != "layer_losses":
+        walk(value)
+
+  walk(aux)
+  return {**metrics, "aux_losses": found} if found else metrics
+
+
 class Task(abc.ABC):
   """An objective the engine can train. Subclass and fill in the abstract parts."""
 

@@ -168,7 +168,7 @@ class MAE(nn.Module):
     tokens = tokens + pos.astype(tokens.dtype)[None]
     if prefix:
       tokens = jnp.concatenate([y[:, :prefix], tokens], axis=1)
-    hidden, _ = Transformer(dec, name="decoder")(tokens, train=train)
+    hidden, dec_aux = Transformer(dec, name="decoder")(tokens, train=train)
     hidden = hidden[:, prefix:]
     pred = nn.Dense(
         enc.patch_dim, dtype=jnp.float32, param_dtype=dec.params_dtype,
@@ -176,6 +176,8 @@ class MAE(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("patch",)),
         name="pixel_head")(hidden.astype(jnp.float32))
     aux["decoded"] = hidden
+    if "losses" in dec_aux:  # the decoder's auxiliary losses reach the task too
+      aux["decoder"] = {"losses": dec_aux["losses"]}
     return pred, aux
 
   def masked_prediction(self, params, images, key):

@@ -21,7 +21,7 @@ import numpy as np
 from datong.multimodal import contrastive
 from datong.multimodal.clip import CLIP, ClipConfig, contrastive_loss, tokenize
 from datong.train import warmstart
-from datong.train.task import EvalContext, Task, path_names
+from datong.train.task import EvalContext, Task, path_names, with_aux_losses
 from datong.train.tasks.images import ImageData
 from datong.train.tasks.text import make_tokenizer
 
@@ -135,7 +135,7 @@ class ClipTask(Task):
     metrics = {**metrics, "scale": aux["scale"]}
     if self.config.model.loss == "sigmoid":
       metrics["bias"] = aux["bias"]
-    return loss, metrics
+    return loss, with_aux_losses(metrics, aux)
 
   # --- data ---
   def preprocess(self, example, rng, train):

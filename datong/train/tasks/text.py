@@ -20,7 +20,7 @@ import numpy as np
 
 from datong.ops.losses import classification_loss, cross_entropy
 from datong.train import data
-from datong.train.task import EvalContext, Task
+from datong.train.task import EvalContext, Task, with_aux_losses
 from datong.unimodal.text import BERT, GPT, LN2, TextConfig, causal_lm_loss, mlm_loss, mlm_mask
 from datong.unimodal.tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer,
                                         SentencePieceTokenizer, Tokenizer, special_ids,
@@ -283,15 +283,18 @@ class GPTTask(Task):
                            positions=_zeros(batch["positions"]))
 
   def _logits(self, params, batch, rng, train):
-    logits, _ = self.model.apply({"params": params}, batch["inputs"],
-                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
-                                 train=train, rngs={"dropout": rng})
-    return logits
+    return self._apply(params, batch, rng, train)[0]
+
+  def _apply(self, params, batch, rng, train):
+    return self.model.apply({"params": params}, batch["inputs"],
+                            segment_ids=batch["segment_ids"], positions=batch["positions"],
+                            train=train, rngs={"dropout": rng})
 
   def loss(self, params, batch, rng, *, train=True):
-    logits = self._logits(params, batch, rng, train)
-    return causal_lm_loss(logits, batch["targets"], batch["loss_weights"],
-                          z_loss=self.config.z_loss, byte_counts=batch["byte_counts"])
+    logits, aux = self._apply(params, batch, rng, train)
+    loss, metrics = causal_lm_loss(logits, batch["targets"], batch["loss_weights"],
+                                   z_loss=self.config.z_loss, byte_counts=batch["byte_counts"])
+    return loss, with_aux_losses(metrics, aux)
 
   def eval_sums(self, params, batch):
     """Summed NLL (nats) over all targets and over byte targets, and counts."""
@@ -422,7 +425,7 @@ class BERTTask(Task):
       nsp, nsp_metrics = classification_loss(aux["nsp_logits"], batch["nsp_labels"])
       loss = loss + self.config.nsp_weight * nsp
       metrics.update(nsp_loss=nsp, nsp_accuracy=nsp_metrics["accuracy"])
-    return loss, metrics
+    return loss, with_aux_losses(metrics, aux)
 
   def eval_sums(self, params, batch):
     inputs, selected = self.mask(jax.random.PRNGKey(self.config.eval_seed), batch)

@@ -30,7 +30,7 @@ import optax
 from datong.backbone import params_collection
 from datong.ops.losses import soft_cross_entropy
 from datong.train import warmstart
-from datong.train.task import EvalContext, Task, path_names
+from datong.train.task import EvalContext, Task, path_names, with_aux_losses
 from datong.train.tasks.images import ImageData, shift_images
 from datong.train.tasks.probes import ProbeConfig, probe_metrics, real_rows, select_features
 from datong.unimodal import masked_image as mim
@@ -164,8 +164,11 @@ class ViTClassifierTask(_ImageTask):
     return variables
 
   def logits(self, params, images, *, train=False, rng=None):
+    return self._apply(params, images, train=train, rng=rng)[0]
+
+  def _apply(self, params, images, *, train=False, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
-    return self.model.apply({"params": _unbox(params)}, images, train=train, rngs=rngs)[0]
+    return self.model.apply({"params": _unbox(params)}, images, train=train, rngs=rngs)
 
   def loss(self, params, batch, rng, *, train=True):
     cfg = self.config
@@ -180,10 +183,10 @@ class ViTClassifierTask(_ImageTask):
       perm = jax.random.permutation(perm_rng, images.shape[0])
       images = lam * images + (1.0 - lam) * images[perm]
       targets = lam * targets + (1.0 - lam) * targets[perm]
-    logits = self.logits(params, images, train=train, rng=drop_rng if train else None)
+    logits, aux = self._apply(params, images, train=train, rng=drop_rng if train else None)
     loss = jnp.mean(soft_cross_entropy(logits, targets))
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, {"loss": loss, "accuracy": acc}
+    return loss, with_aux_losses({"loss": loss, "accuracy": acc}, aux)
 
   def predict_proba(self, params, images):
     """Class probabilities ``[b, classes]``, averaged over the TTA shifts."""
@@ -312,9 +315,10 @@ class MAETask(_MIMTask):
   def loss(self, params, batch, rng, *, train=True):
     aug_rng, rng = jax.random.split(rng)
     images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
-    pred, m, _ = self.apply(params, images, rng, train=train)
-    return mim.mae_loss(pred, images, m.mask, self.encoder_config.patch_size,
-                        norm_pix=self.config.model.norm_pix_loss)
+    pred, m, aux = self.apply(params, images, rng, train=train)
+    loss, metrics = mim.mae_loss(pred, images, m.mask, self.encoder_config.patch_size,
+                                 norm_pix=self.config.model.norm_pix_loss)
+    return loss, with_aux_losses(metrics, aux)
 
   def reconstruction_png(self, params, ctx: EvalContext, path: str) -> str:
     n = self.config.png_examples
@@ -379,9 +383,10 @@ class SimMIMTask(_MIMTask):
     mask_rng, drop_rng, aug_rng = jax.random.split(rng, 3)
     images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
     mask = self.masking(mask_rng, images.shape[0])
-    pred, _ = self.model.apply({"params": _unbox(params)}, images, mask, train=train,
-                               rngs={"dropout": drop_rng})
-    return mim.simmim_loss(pred, images, mask, self.encoder_config.patch_size)
+    pred, aux = self.model.apply({"params": _unbox(params)}, images, mask, train=train,
+                                 rngs={"dropout": drop_rng})
+    loss, metrics = mim.simmim_loss(pred, images, mask, self.encoder_config.patch_size)
+    return loss, with_aux_losses(metrics, aux)
 
   def flops_per_example(self):
     enc = self.encoder_config
