@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from datong.backbone import PRESETS, Transformer, TransformerConfig, count_params, init_cache
+from datong.backbone import PRESETS, Transformer, TransformerConfig, init_cache
+from datong.params import count_params
 
 # The notebook API (datong.notebook), imported on first use so that
 # `import datong` stays light: datong.build(...), datong.fit(...), ...

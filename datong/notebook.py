@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong import registry
-from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, TransformerConfig, count_params,
-                             params_collection)
+from datong.backbone import PRESETS, WEIGHTS_COLLECTION, TransformerConfig
+from datong.params import count_params, params_collection
 from datong.ops.attention import IMPLEMENTATIONS
 
 __all__ = [

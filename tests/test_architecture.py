@@ -39,8 +39,10 @@ def _files(*parts) -> list[pathlib.Path]:
 LAYERS = {
     ("ops",): ("datong.ops",),
     ("backbone.py",): ("datong.ops", "datong.backbone"),
-    ("unimodal",): ("datong.ops", "datong.backbone", "datong.unimodal"),
-    ("multimodal",): ("datong.ops", "datong.backbone", "datong.unimodal", "datong.multimodal"),
+    ("params.py",): ("datong.params",),
+    ("unimodal",): ("datong.ops", "datong.backbone", "datong.params", "datong.unimodal"),
+    ("multimodal",): ("datong.ops", "datong.backbone", "datong.params", "datong.unimodal",
+                     "datong.multimodal"),
     ("registry.py",): ("datong.ops", "datong.backbone", "datong.unimodal", "datong.multimodal",
                        "datong.registry"),
     ("hf",): ("datong.ops", "datong.backbone", "datong.unimodal", "datong.multimodal",
@@ -176,7 +178,7 @@ def test_a_toy_encoder_is_clips_image_tower_and_starts_from_a_classifier_run(tmp
   result = loop.train(run, str(tmp_path / "clip"), progress=False)
   assert 0.0 <= result.metrics["eval/zero_shot_accuracy"] <= 1.0
   assert np.isfinite(result.metrics["train/loss"])
-  model = CLIP(model_cfg)
+  assert isinstance(built.model, CLIP)
   assert built.flops_per_example() > model_cfg.image.flops_per_example() > 0
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from datong.backbone import (PRESETS, WEIGHTS_COLLECTION, Norm, Transformer, TransformerConfig,
-                             count_params, init_cache, merge_params)
+                             init_cache)
+from datong.params import count_params, merge_params
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_task import L2Mlp  # pylint: disable=wrong-import-position

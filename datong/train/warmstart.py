@@ -37,7 +37,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from datong import hf, registry
-from datong.backbone import merge_params, params_collection
+from datong.params import merge_params, params_collection
 from datong.train.checkpoint import load_params
 
 # Old parameter paths -> new ones (prefixes, "/"-joined), applied to every
@@ -115,7 +115,7 @@ def merge(params, source, at: str = "", *, extra: str = "error", resize=None):
   a params tree. ``at``: a "/"-separated path (``""``: the whole tree); the
   source's subtree of the same path is used when it has one, else the whole
   source (a tree of just that part, e.g. an exported encoder). ``extra`` and
-  ``resize``: as in ``backbone.merge_params`` (``resize(path, value, shape)``).
+  ``resize``: as in ``datong.params.merge_params`` (``resize(path, value, shape)``).
   """
   wrapped = isinstance(params, dict) and set(params) == {"params"}
   fresh = params_collection(params)

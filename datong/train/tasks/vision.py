@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from datong.backbone import params_collection
+from datong.params import params_collection
 from datong.ops.losses import soft_cross_entropy
 from datong.train import warmstart
 from datong.train.task import EvalContext, Task, path_names, with_aux_losses
