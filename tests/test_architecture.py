@@ -189,3 +189,21 @@ def test_with_aux_losses_sums_every_tower_and_layer_by_name():
   out = with_aux_losses({"loss": 9.0}, aux)
   assert out == {"loss": 9.0, "aux_losses": {"balance": 3.0, "z": 0.25}}
   assert with_aux_losses({"loss": 9.0}, {"image": {"pooled": 1.0}}) == {"loss": 9.0}
+
+
+def test_the_cli_and_the_notebook_resolve_settings_the_same_way():
+  import pytest
+  from datong import notebook
+  from datong.train import config as config_lib, recipes
+  cli = config_lib.override(recipes.get("clip-digits"), {"depth": "3", "learning_rate": "1e-3"})
+  nb = notebook.run_config("clip-digits", depth=3, learning_rate=1e-3)
+  assert cli == nb
+  assert cli.task.model.image.backbone.depth == cli.task.model.text.backbone.depth == 3
+  for settings in ({"detph": "3"}, {"batch_size": "8"}):  # a typo; an ambiguous name
+    with pytest.raises(ValueError) as from_cli:
+      config_lib.override(recipes.get("mae-digits"), settings)
+    with pytest.raises(ValueError) as from_notebook:
+      notebook.run_config("mae-digits", **settings)
+    # Same words; the notebook's list of valid names also has whole sub-configs.
+    first = lambda e: str(e.value).split(" Valid names")[0]
+    assert first(from_cli) == first(from_notebook)

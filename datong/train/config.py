@@ -165,9 +165,9 @@ def resolve_names(config, settings: dict[str, Any], *, nodes: bool = False) -> d
     if not matches:
       short = sorted({n.rsplit(".", 1)[-1] for n in names})
       close = difflib.get_close_matches(path.rsplit(".", 1)[-1], short, n=3)
-      hint = "".join(
-          f" Did you mean {c} ({', '.join(n for n in names if n.rsplit('.', 1)[-1] == c)})?"
-          for c in close)
+      hint = "; ".join(f"{c} ({', '.join(n for n in names if n.rsplit('.', 1)[-1] == c)})"
+                       for c in close)
+      hint = f" Did you mean {hint}?" if hint else ""
       raise ValueError(f"Unknown config key {key!r} for {type(config).__name__}.{hint} Valid "
                        f"names: {', '.join(short)} (or a dotted path ending in one, e.g. "
                        f"{max(names, key=lambda n: n.count('.'))!r}).")
