@@ -351,9 +351,9 @@ class SequenceClassifier(nn.Module):
   """Text classification: ``(ids, valid) -> (logits [batch, num_classes], aux)``.
 
   Same stem + backbone (and names) as ``GPT`` / ``BERT``, so
-  ``init_from_pretrained`` can load them. ``pooling``: ``cls`` (first token,
-  BERT), ``mean`` (over valid tokens) or ``last`` (last valid token, for a
-  causal GPT backbone). ``valid`` ``[batch, length]`` marks real tokens.
+  ``datong.train.warmstart.merge(params, run, at="encoder")`` loads them.
+  ``pooling``: ``cls`` (first token, BERT), ``mean`` (over valid tokens) or
+  ``last`` (last valid token, for a causal GPT backbone). ``valid`` ``[batch, length]`` marks real tokens.
   """
   config: TextConfig
   num_classes: int
