@@ -139,16 +139,18 @@ _LOSSES_CODE = """
 import json, sys
 from datong.train import config as config_lib, loop, recipes
 name, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = config_lib.override(recipes.get(name), {"train.log_every": "1"})
+settings = dict(item.split("=", 1) for item in sys.argv[4:])
+cfg = config_lib.override(recipes.get(name), {"train.log_every": "1", **settings})
 loop.train(cfg, workdir, progress=False, stop_at=steps, evaluate=False)
 """
 
 
-def first_losses(name: str, workroot: str, steps: int, resume_from: str = "") -> dict:
+def first_losses(name: str, workroot: str, steps: int, resume_from: str = "",
+                 overrides: tuple = ()) -> dict:
   """Runs (or resumes) ``name`` up to ``steps``; its per-step ``train/loss``."""
   workdir = resume_from or os.path.join(workroot, name)
-  rc, wall, _ = _run([sys.executable, "-c", _LOSSES_CODE, name, workdir, str(steps)],
-                     os.path.join(workroot, f"{name}.losses.log"))
+  rc, wall, _ = _run([sys.executable, "-c", _LOSSES_CODE, name, workdir, str(steps),
+                      *overrides], os.path.join(workroot, f"{name}.losses.log"))
   if rc != 0:
     raise RuntimeError(f"{name} exited {rc}; see {workroot}/{name}.losses.log")
   losses = {int(r["step"]): r["train/loss"] for r in _metrics(workdir) if "train/loss" in r}
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
   for name in names:
     if args.losses:
       results[name] = first_losses(name, workroot, args.losses,
-                                   earlier.get(name, {}).get("workdir", ""))
+                                   earlier.get(name, {}).get("workdir", ""), args.overrides)
       print(f"{name}: {len(results[name]['losses'])} losses in {_clock(results[name]['wall'])}",
             flush=True)
     else:
