@@ -1,8 +1,8 @@
 """What an objective gives the engine: the ``Task`` contract.
 
 The engine (``datong.train.loop``) knows nothing of text, pixels or captions.
-An objective subclasses ``Task`` in its own module (``datong.unimodal.text``,
-``datong.unimodal.vision``, ``datong.multimodal.clip``) and the engine:
+An objective subclasses ``Task`` in its family's module under
+``datong.train.tasks`` (``text``, ``vision``, ``clip``) and the engine:
 
 1. builds data sources with ``source(split)`` and maps ``preprocess`` over
    every example (numpy, on the host, deterministic per example);
