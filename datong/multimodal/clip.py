@@ -46,7 +46,7 @@ import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal import contrastive
-from datong.unimodal.encoders import check_image_encoder
+from datong.unimodal.encoders import check_image_encoder, head_param_dtype
 from datong.unimodal.text import TextConfig, token_embedding
 
 TEXT_POOLS = ("eos", "cls", "mean")
@@ -146,15 +146,9 @@ class ImageTower(nn.Module):
     cfg = self.config
     encoder = cfg.image.make(shared_backbone=self.backbone, name="encoder")
     pooled, aux = encoder(images, train=train)
-    z = _head(cfg.embed_dim, cfg.head_bias, _param_dtype(cfg.image), "head")(
+    z = _head(cfg.embed_dim, cfg.head_bias, head_param_dtype(cfg.image), "head")(
         pooled.astype(jnp.float32))
     return contrastive.l2_normalize(z), aux
-
-
-def _param_dtype(encoder):
-  """The heads are stored like the encoder's backbone (float32 unless told)."""
-  backbone = getattr(encoder, "backbone", None)
-  return backbone.params_dtype if backbone is not None else jnp.float32
 
 
 def text_pool(hidden, ids, *, pool: str, eos_id: int, pad_id: int):

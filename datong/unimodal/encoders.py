@@ -31,7 +31,8 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["ImageClassifier", "ImageEncoderConfig", "is_image_encoder"]
+__all__ = ["ImageClassifier", "ImageEncoderConfig", "check_image_encoder", "head_param_dtype",
+           "is_image_encoder"]
 
 
 @runtime_checkable
@@ -67,6 +68,13 @@ def check_image_encoder(config: Any, where: str) -> None:
                     f"lacks {', '.join(missing)}.")
 
 
+def head_param_dtype(config: Any):
+  """Heads on an encoder are stored like its backbone's parameters (float32
+  when the encoder has no single backbone)."""
+  backbone = getattr(config, "backbone", None)
+  return backbone.params_dtype if backbone is not None else jnp.float32
+
+
 class ImageClassifier(nn.Module):
   """Any image encoder + a (zero-initialized) linear class head: ``-> (logits, aux)``.
 
@@ -79,11 +87,8 @@ class ImageClassifier(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False, **encoder_kwargs):
     pooled, aux = self.config.make(name="encoder")(images, train=train, **encoder_kwargs)
-    # The head is stored like the encoder's backbone (float32 unless told).
-    backbone = getattr(self.config, "backbone", None)
     logits = nn.Dense(
-        self.num_classes, dtype=jnp.float32,
-        param_dtype=backbone.params_dtype if backbone is not None else jnp.float32,
+        self.num_classes, dtype=jnp.float32, param_dtype=head_param_dtype(self.config),
         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
         name="head")(pooled.astype(jnp.float32))

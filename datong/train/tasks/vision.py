@@ -247,6 +247,9 @@ class MAETaskConfig:
 class _MIMTask(_ImageTask):
   """Shared evaluation of the masked-image tasks."""
 
+  def batch_spec(self, batch_size):
+    return _spec(batch_size, self.encoder_config)
+
   def features(self, params, images, which: Optional[str] = None):
     which = self.config.probe.features if which is None else which
     return self.feature_sets(params, images, (which,))[which]
@@ -291,9 +294,6 @@ class MAETask(_MIMTask):
     super().__init__(config.data, config.model.encoder, "MAETaskConfig.model.encoder")
     self.config = config
     self.model = mim.MAE(config.model)
-
-  def batch_spec(self, batch_size):
-    return _spec(batch_size, self.encoder_config)
 
   def masking(self, rng, batch_size: int) -> mim.Masking:
     return mim.random_masking(rng, batch_size, self.encoder_config.num_patches,
@@ -367,9 +367,6 @@ class SimMIMTask(_MIMTask):
     super().__init__(config.data, config.model.encoder, "SimMIMTaskConfig.model.encoder")
     self.config = config
     self.model = mim.SimMIM(config.model)
-
-  def batch_spec(self, batch_size):
-    return _spec(batch_size, self.encoder_config)
 
   def masking(self, rng, batch_size: int):
     return mim.simmim_masking(rng, batch_size, self.config.model)
