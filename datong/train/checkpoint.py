@@ -2,17 +2,24 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Saves are async;
 restore always goes into the target shardings (so a run may resume on a
-different mesh). A checkpoint that cannot be read, or that was written by an
-incompatible run, raises ``CheckpointError`` naming the directory and the
-fix: never a silent restart from scratch.
+different mesh, and ``load_params`` reads a run written on any device count).
+Every array's fingerprint (``fingerprints``: two 32-bit sums over its bits,
+computed on device where the array lives) is stored in ``config`` with the
+checkpoint and checked after every restore, so a damaged file never comes
+back as a silently wrong weight. A checkpoint that cannot be read, fails that
+check, or was written by an incompatible run raises ``CheckpointError``
+naming the step and the fix: never a silent restart from scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -26,10 +33,111 @@ def layout(abstract_state) -> dict[str, str]:
   return {jax.tree_util.keystr(path): f"{leaf.dtype}{list(leaf.shape)}" for path, leaf in flat}
 
 
+def path_name(path) -> str:
+  """``"params/backbone/layer_0/mlp/wi/kernel"``: a tree path by its names,
+  the same for a ``TrainState`` and the plain dict orbax restores it as."""
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of ``x`` as uint32 (sub-word types widened, 64-bit split)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
+
+
+def _mix(h: jax.Array) -> jax.Array:
+  """A 32-bit avalanche (murmur3's finalizer): every input bit moves every output bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """uint32[2] of one array. Sums of uint32 wrap exactly, so the result is the
+  same on every mesh and sharding. The first sum, ``sum(bits * (2i + 1))``,
+  changes for every change of one byte (an odd multiplier times a nonzero
+  byte difference is nonzero mod 2^32); the second, over mixed bits and
+  positions, makes a block of damage cancelling in both unlikely (~2^-64)."""
+  bits = _as_uint32(x)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+    stride = (stride * bits.shape[axis]) % 2**32
+  linear = jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  mixed = jnp.sum(_mix(bits ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  return jnp.stack([linear, mixed])
+
+
+@jax.jit
+def _fingerprints(tree):
+  return jax.tree.map(_fingerprint, tree)
+
+
+def fingerprints(tree) -> dict[str, str]:
+  """``{path_name: "0123abcd:89ef0123"}`` of every array in ``tree``, computed
+  where the arrays live (no gather to the host)."""
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_fingerprints(tree)))[0]
+  return {path_name(path): f"{int(v[0]):08x}:{int(v[1]):08x}" for path, v in flat}
+
+
+def check_fingerprints(tree, stored: Optional[dict], where: str, *, older: str = "") -> None:
+  """Raise ``CheckpointError`` when an array of ``tree`` differs from the
+  fingerprint stored with it (checkpoints written before fingerprints
+  existed, ``stored=None``, are not checked)."""
+  if not stored:
+    return
+  now = fingerprints(tree)
+  damaged = sorted(k for k, v in now.items() if k in stored and stored[k] != v)
+  if damaged:
+    raise CheckpointError(
+        f"The checkpoint at {where} is damaged: {len(damaged)} array(s) read back differ from "
+        f"what was written ({', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}). "
+        f"The files were changed after saving (disk or copy error). Delete {where} to resume "
+        f"from {older or 'an older checkpoint'}, or use a fresh --workdir.")
+
+
+def _digest(value) -> str:
+  """sha256 of a JSON value's canonical text."""
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _check_metadata(config: dict, data_state: dict, where: str) -> None:
+  """The config item's own digest and the data state's, when stored."""
+  body = {k: v for k, v in config.items() if k != "sha256"}
+  damaged = []
+  if "sha256" in config and config["sha256"] != _digest(body):
+    damaged.append("config")
+  if "data_sha256" in config and config["data_sha256"] != _digest(data_state):
+    damaged.append("data")
+  if damaged:
+    raise CheckpointError(
+        f"The checkpoint at {where} is damaged: its {' and '.join(damaged)} file(s) differ from "
+        f"what was written. Delete {where} to resume from an older checkpoint, or use a "
+        "fresh --workdir.")
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
 
-  def __init__(self, workdir: str, *, keep: int = 2):
+  def __init__(self, workdir: str, *, keep: Optional[int] = 2):
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept "
+                       "(None keeps every one).")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -43,12 +151,15 @@ class Checkpointer:
     """Async save; ``wait`` blocks until it is on disk.
 
     ``config_json`` is stored with the state's layout (shapes and dtypes),
-    which ``restore`` checks before reading any array.
+    which ``restore`` checks before reading any array, and every array's
+    fingerprint, which it checks after.
     """
-    config_json = {"run": config_json, "layout": layout(state)}
     if step in self.manager.all_steps():
       self.manager.wait_until_finished()
       return
+    config_json = {"run": config_json, "layout": layout(state),
+                   "fingerprints": fingerprints(state), "data_sha256": _digest(data_state)}
+    config_json["sha256"] = _digest(config_json)
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
@@ -72,6 +183,7 @@ class Checkpointer:
           f"The checkpoint at {where} is unreadable ({type(e).__name__}: {e}). It may be "
           "corrupt or partially written. Delete that step directory to resume from an older "
           "one, or use a fresh --workdir; refusing to start from scratch over it.") from e
+    _check_metadata(meta["config"], meta["data"], where)
     saved = meta["config"].get("layout", {})
     wanted = layout(abstract_state)
     if saved != wanted:
@@ -89,7 +201,18 @@ class Checkpointer:
           f"Cannot restore the train state from {where} ({type(e).__name__}: {e}). It may "
           "be corrupt or written by a different model; delete that step directory or use "
           "a fresh --workdir.") from e
+    older = [s for s in self.manager.all_steps() if s < step]
+    check_fingerprints(restored["state"], meta["config"].get("fingerprints"), where,
+                       older=f"step {max(older)}" if older else "")
     return restored["state"], meta["data"]
+
+  def run_config(self, step: int) -> Optional[dict]:
+    """The run config (JSON) stored with ``step``, or None if unreadable."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return meta["config"].get("run")
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -102,18 +225,38 @@ class Checkpointer:
 def load_params(workdir: str, step: Optional[int] = None):
   """The ``params`` of a run's checkpoint as host numpy arrays (for fine-tuning).
 
-  Restores without target shardings, so it works on any machine.
+  Reads only the parameters (not the optimizer state), onto this process's
+  first device whatever mesh wrote them, and checks their fingerprints.
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"No checkpoint found in {directory}.")
   manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"No checkpoint found in {directory}.")
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"Cannot read the checkpoint at {directory}/{step} "
-                          f"({type(e).__name__}: {e}).") from e
-  manager.close()
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint found in {directory}.")
+    where = os.path.join(directory, str(step))
+    try:
+      saved = ocp.StandardCheckpointer().metadata(os.path.join(where, "state"))
+      tree = getattr(saved, "item_metadata", saved)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = {"params": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          dict(tree["params"]))}
+      restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
+          sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), target)
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                       partial_restore=True),
+          config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"Cannot read the checkpoint at {where} "
+                            f"({type(e).__name__}: {e}).") from e
+    stored = restored["config"].get("fingerprints")
+    stored = {k: v for k, v in (stored or {}).items() if k.startswith("params/")}
+    check_fingerprints(restored["state"], stored, where)
+  finally:
+    manager.close()
   return jax.device_get(restored["state"]["params"])
