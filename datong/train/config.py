@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import typing
 from typing import Any, Optional
 
@@ -50,10 +51,26 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.muon_momentum={self.muon_momentum}: must be in [0, 1).")
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: choose cosine, linear or constant.")
-    if self.learning_rate <= 0:
-      raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate}: must be positive.")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate}: must be a "
+                       "positive finite number, e.g. 1e-3.")
     if self.warmup_steps < 0:
       raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps}: must be >= 0.")
+    for name in ("b1", "b2"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"OptimizerConfig.{name}={getattr(self, name)}: must be in [0, 1) "
+                         "(Adam's moment decay; typical 0.9 and 0.999).")
+    if not (math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"OptimizerConfig.eps={self.eps}: must be a positive finite number.")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"OptimizerConfig.weight_decay={self.weight_decay}: must be >= 0.")
+    if not 0.0 <= self.end_learning_rate_factor <= 1.0:
+      raise ValueError(f"OptimizerConfig.end_learning_rate_factor={self.end_learning_rate_factor}"
+                       ": must be in [0, 1] (final lr = factor * learning_rate).")
+    if self.grad_clip_norm is not None and not (math.isfinite(self.grad_clip_norm)
+                                                and self.grad_clip_norm > 0):
+      raise ValueError(f"OptimizerConfig.grad_clip_norm={self.grad_clip_norm}: must be positive "
+                       "(clip the global gradient norm to it), or None for no clipping.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +83,12 @@ class TrainConfig:
   log_every: int = 50
   eval_every: int = 0  # 0: evaluate once, at the end
   checkpoint_every: int = 500  # 0: only at the end (and on preemption)
-  keep_checkpoints: int = 2
+  keep_checkpoints: Optional[int] = 2  # the newest N; None keeps every one
   on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+  # on_nonfinite="skip" stops anyway after this many skipped steps in a row, or
+  # when more than this fraction of the steps run so far were skipped.
+  max_consecutive_skips: int = 10
+  max_skip_fraction: float = 0.05
   data_workers: int = 0  # grain worker processes for preprocessing
   prefetch: int = 2  # global batches prepared ahead by a host thread
 
@@ -80,6 +101,19 @@ class TrainConfig:
                        f"microbatches={self.microbatches}.")
     if self.on_nonfinite not in ("stop", "skip"):
       raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r}: choose 'stop' or 'skip'.")
+    for field in ("eval_every", "checkpoint_every", "data_workers", "prefetch"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"TrainConfig.{field}={getattr(self, field)}: must be >= 0.")
+    if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+      raise ValueError(f"TrainConfig.keep_checkpoints={self.keep_checkpoints}: must be >= 1 "
+                       "(the newest N checkpoints are kept; 0 would delete the one a resume "
+                       "needs). Use None to keep every checkpoint.")
+    if self.max_consecutive_skips < 1:
+      raise ValueError(f"TrainConfig.max_consecutive_skips={self.max_consecutive_skips}: "
+                       "must be >= 1.")
+    if not 0.0 < self.max_skip_fraction <= 1.0:
+      raise ValueError(f"TrainConfig.max_skip_fraction={self.max_skip_fraction}: must be in "
+                       "(0, 1].")
 
 
 @dataclasses.dataclass(frozen=True)
