@@ -8,6 +8,18 @@
 import argparse
 import sys
 
+# Exit codes of `datong train` (README, "Reliability").
+EXIT_DONE = 0  # trained to train.steps and evaluated (or already finished)
+EXIT_ERROR = 2  # bad settings or input, unusable workdir or checkpoint: nothing ran
+EXIT_NONFINITE = 3  # stopped on a NaN/inf loss; the last checkpoint is good
+EXIT_STOPPED = 75  # stopped early (SIGTERM, Ctrl-C): resumable, run the same command again
+
+EXIT_CODES = f"""exit codes of `datong train`:
+  {EXIT_DONE}   finished (or already finished)
+  {EXIT_ERROR}   bad settings or input, or an unusable workdir/checkpoint (the message says which)
+  {EXIT_NONFINITE}   stopped on a NaN/inf loss or gradient (the last checkpoint is good)
+  {EXIT_STOPPED}  stopped early by SIGTERM/SIGINT with a checkpoint saved: run it again to resume"""
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
@@ -27,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
   config = sub.add_parser("config", help="print a recipe's resolved settings")
   add_overrides(config)
 
-  train = sub.add_parser("train", help="train (or resume) a recipe in a workdir")
+  train = sub.add_parser("train", help="train (or resume) a recipe in a workdir",
+                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
   add_overrides(train)
   train.add_argument("--workdir", required=True,
                      help="where checkpoints, metrics.jsonl, TensorBoard logs and plots go; "
@@ -76,7 +89,7 @@ def _run(args) -> int:
     loop.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     config = _resolved_config(args)
     result = loop.train(config, args.workdir, progress=False if args.no_progress else None)
-    return 0 if result.step >= config.train.steps or result.preempted else 1
+    return EXIT_STOPPED if result.preempted else EXIT_DONE
   return 0
 
 
@@ -94,9 +107,17 @@ def main(argv=None) -> int:
   from datong.train.loop import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   try:
     return _run(args)
-  except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+  except NonFiniteLossError as e:
+    print(f"datong: stopped: {e}", file=sys.stderr)
+    return EXIT_NONFINITE
+  except (ValueError, CheckpointError, FileNotFoundError, ImportError) as e:
     print(f"datong: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR
+  except OSError as e:  # a full disk, a vanished mount: the cause, not a traceback
+    print(f"datong: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}). The last "
+          "checkpoint written is intact; fix the cause and run the same command again.",
+          file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

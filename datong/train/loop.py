@@ -1,4 +1,4 @@
-"""The train loop: one jitted, sharded, donated step; checkpoints; eval; logs.
+"""The train loop: drives the step (``trainer.Trainer``); checkpoints; eval; logs.
 
     from datong.train import recipes, loop
     metrics = loop.train(recipes.get("gpt-pydoc"), workdir="runs/gpt")
@@ -16,61 +16,24 @@ task's loss plus the ``aux_losses`` it reports (see ``Task.loss``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Optional
 
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datong.train import checkpoint as ckpt_lib
 from datong.train import config as config_lib
 from datong.train import data as data_lib
-from datong.train import sharding as sharding_lib
+from datong.train import workdir as workdir_lib
 from datong.train import writers
 from datong.train.config import RunConfig
 from datong.train.optim import make_optimizer
-from datong.train.task import EvalContext, Task
-
-
-# XLA options for code that runs once (parameter initialization).
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-class NonFiniteLossError(RuntimeError):
-  """Raised when a NaN/inf loss or gradient appears and ``on_nonfinite='stop'``."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: number of batches consumed
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # uint32[2] raw key, folded with the step
-
-
-# Dense bf16 peak FLOP/s per chip, for MFU. Unknown devices (CPU) get no MFU.
-PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "V100": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device) -> Optional[float]:
-  kind = getattr(device, "device_kind", "")
-  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if name in kind:
-      return PEAK_FLOPS[name]
-  return None
+from datong.train.trainer import NonFiniteLossError, Trainer, peak_flops
 
 
 def maybe_initialize_distributed(coordinator: Optional[str] = None,
@@ -97,203 +60,6 @@ def maybe_initialize_distributed(coordinator: Optional[str] = None,
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
   return True
-
-
-class Trainer:
-  """Holds the compiled step and the shardings of one run."""
-
-  def __init__(self, config: RunConfig, workdir: str, *, devices=None):
-    self.config = config
-    self.workdir = workdir
-    self.task: Task = config.task.build()
-    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
-    tc = config.train
-    sharding_lib.check_batch_size(tc.batch_size, self.mesh, tc.microbatches)
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-
-    self.batch_spec = self.task.batch_spec(tc.batch_size)
-    rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    with self._context():
-      self.params_plan = sharding_lib.plan_params(
-          lambda rng: self.task.init(rng, self.batch_spec)["params"],
-          rng_spec, mesh=self.mesh)
-    abstract_params = self.params_plan.abstract
-    self.tx, self.schedule = make_optimizer(
-        config.optimizer, tc.steps,
-        weight_decay_mask=self.task.weight_decay_mask(abstract_params),
-        trainable=self.task.trainable(abstract_params),
-        lr_scale=self.task.learning_rate_scale(abstract_params))
-    opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
-    self.opt_plan = sharding_lib.plan_like_params(opt_abstract, self.params_plan, self.mesh)
-    self.state_shardings = TrainState(
-        step=self.replicated, params=self.params_plan.shardings,
-        opt_state=self.opt_plan.shardings, rng=self.replicated)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                   opt_state=opt_abstract, rng=rng_spec),
-        self.state_shardings)
-    batch_shardings = {k: self.batch_sharding for k in self.batch_spec}
-    # Initialization runs once: compile it without LLVM optimizations (on a
-    # CPU the vit-digits / gpt-pydoc inits compiled in 2.4 / 1.9 s instead of
-    # 4.5 / 4.4 s).
-    self.init_fn = jax.jit(self._init_state, out_shardings=self.state_shardings,
-                           compiler_options=INIT_COMPILER_OPTIONS)
-    self.step_fn = jax.jit(self._train_step,
-                           in_shardings=(self.state_shardings, batch_shardings),
-                           out_shardings=(self.state_shardings, self.replicated),
-                           donate_argnums=(0,))
-
-  # ------------------------------------------------------------ pure parts
-
-  def _context(self):
-    """Mesh + logical rules in scope while tracing model code."""
-    return _Context(self.mesh)
-
-  def _init_state(self, rng_data) -> TrainState:
-    params = nn.unbox(self.task.init(rng_data, self.batch_spec)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params),
-                      rng=jax.random.fold_in(rng_data, 1))
-
-  def _objective(self, params, batch, rng):
-    """The task's loss plus its auxiliary losses, and flat metrics.
-
-    A task's metric ``"aux_losses"`` (name -> scalar) is added to the loss
-    here, once, and reported as ``aux_loss/<name>`` next to ``task_loss``;
-    the returned loss is the total being minimized. Without it, the task's
-    loss and metrics pass through untouched.
-    """
-    loss, metrics = self.task.loss(params, batch, rng, train=True)
-    if "aux_losses" not in metrics:
-      return loss, metrics
-    metrics = dict(metrics)
-    aux = metrics.pop("aux_losses")
-    metrics["task_loss"] = loss
-    for name in sorted(aux):
-      value = jnp.asarray(aux[name], jnp.float32)
-      if value.ndim:
-        raise ValueError(f"aux_losses[{name!r}] from {type(self.task).__name__}.loss has shape "
-                         f"{value.shape}; auxiliary losses must be scalars.")
-      metrics[f"aux_loss/{name}"] = value
-      loss = loss + value
-    return loss, metrics
-
-  def _grads(self, params, batch, rng):
-    """Loss, metrics and float32 gradients, accumulated over microbatches."""
-    grad_fn = jax.value_and_grad(self._objective, has_aux=True)
-    m = self.config.train.microbatches
-    if m == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng)
-      return loss, metrics, grads
-
-    # Microbatch i takes rows i, i+m, ...: every microbatch spans all devices.
-    def split(x):
-      x = x.reshape((x.shape[0] // m, m) + x.shape[1:])
-      return jnp.moveaxis(x, 1, 0)
-
-    micro = jax.tree.map(split, batch)
-
-    def body(carry, xs):
-      i, mb = xs
-      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / m, carry, grads)
-      return acc, (loss, metrics)
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grads, (losses, metrics) = jax.lax.scan(body, zeros, (jnp.arange(m), micro))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics), grads
-
-  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(state.rng, state.step)
-    loss, task_metrics, grads = self._grads(state.params, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves params and optimizer state untouched.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
-    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-               "train/learning_rate": self.schedule(state.step),
-               "train/nonfinite": 1 - finite.astype(jnp.int32)}
-    metrics.update({f"train/{k}": v for k, v in task_metrics.items()})
-    return new_state, metrics
-
-  # ------------------------------------------------------------ host parts
-
-  def init_state(self) -> TrainState:
-    rng = jax.random.key_data(jax.random.PRNGKey(self.config.train.seed)).astype(jnp.uint32)
-    with self._context():
-      return self.init_fn(rng)
-
-  def step(self, state, batch):
-    with self._context():
-      return self.step_fn(state, batch)
-
-  def compile(self):
-    """AOT-compile the step for the configured mesh (no data, no devices used)."""
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
-             for k, v in self.batch_spec.items()}
-    with self._context():
-      return self.step_fn.lower(self.abstract_state, batch).compile()
-
-  def train_iterator(self, data_state: Optional[dict] = None):
-    tc = self.config.train
-    task = self.task
-    it = data_lib.make_iterator(
-        task.source(task.train_split), batch_size=tc.batch_size, seed=tc.seed,
-        transform=lambda ex, rng: task.preprocess(ex, rng, True),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=tc.data_workers)
-    if data_state is not None:
-      it.set_state(data_state)
-    return it
-
-  def eval_batches(self, split: str, batch_size: Optional[int] = None) -> Iterator[dict]:
-    """Every example of ``split`` once, as global batches with a ``mask``."""
-    batch_size = batch_size or self.config.train.batch_size
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    batch_size = -(-batch_size // shards) * shards
-    task = self.task
-    for batch in data_lib.iterate_once(
-        task.source(split), batch_size=batch_size,
-        transform=lambda ex, rng: task.preprocess(ex, rng, False),
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      yield data_lib.to_global(batch, self.batch_sharding)
-
-  def evaluate(self, params, step: int) -> dict:
-    ctx = EvalContext(batches=self.eval_batches, workdir=self.workdir, step=step, mesh=self.mesh)
-    with self._context():
-      metrics = self.task.evaluate(params, ctx)
-    return {k: float(v) for k, v in metrics.items()}
-
-
-class _Context:
-  """``with``: the mesh (jax.set_mesh where it exists) + flax logical rules."""
-
-  def __init__(self, mesh):
-    self.mesh = mesh
-    self._stack = []
-
-  def __enter__(self):
-    if hasattr(jax, "set_mesh"):
-      cm = jax.set_mesh(self.mesh)
-    else:  # older jax
-      cm = self.mesh
-    rules = nn.logical_axis_rules(sharding_lib.RULES)
-    for c in (cm, rules):
-      c.__enter__()
-      self._stack.append(c)
-    return self
-
-  def __exit__(self, *exc):
-    while self._stack:
-      self._stack.pop().__exit__(*exc)
-    return False
 
 
 class _Prefetcher:
@@ -363,7 +129,38 @@ class _Preemption:
 class RunResult:
   step: int
   metrics: dict  # the last logged train metrics and the last eval metrics
-  preempted: bool = False
+  preempted: bool = False  # stopped before train.steps (signal, stop_at): resumable
+
+  @property
+  def finished(self) -> bool:
+    return not self.preempted
+
+
+class _Interrupted(Exception):
+  """SIGINT / SIGTERM while the final evaluation runs."""
+
+
+class _Interruptible:
+  """``with``: SIGINT / SIGTERM raise ``_Interrupted`` at once (the final
+  evaluation has no step boundary to stop at; its checkpoint is saved)."""
+
+  def __init__(self):
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    raise _Interrupted()
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
 
 
 def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
@@ -377,22 +174,100 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
   ``on_step(step, metrics)`` is called at every logged step.
   ``evaluate=False`` skips the task's evaluation (periodic and final), e.g.
   for a quick look from a notebook.
+
+  The workdir is locked for the run (``workdir.Lock``). A resume compares
+  its settings with the checkpoint's (``workdir.compare_settings``): changes
+  to the model or data are refused, others are logged with what they mean.
+  A finished run (``done.json``) is not run again.
   """
+  workdir_lib.prepare(workdir)
+  with workdir_lib.Lock(workdir, jax.process_index()):
+    return _train(config, workdir, progress=progress, devices=devices, stop_at=stop_at,
+                  on_step=on_step, evaluate=evaluate)
+
+
+def _resume_notes(checkpointer, start: int, config: RunConfig, workdir: str) -> list[str]:
+  """Check a resume's settings against the checkpoint's; the log lines to print."""
+  tc = config.train
+  if start > tc.steps:
+    raise ckpt_lib.CheckpointError(
+        f"The checkpoint in {checkpointer.directory} is at step {start}, past "
+        f"train.steps={tc.steps}: there is nothing to train. Set train.steps above {start} to "
+        f"train longer, or start a fresh --workdir (task.pretrained={workdir} starts from "
+        "these weights).")
+  stored = checkpointer.run_config(start)
+  if stored is None:
+    return []
+  diff = workdir_lib.compare_settings(stored, config)
+  if diff.refused:
+    raise ckpt_lib.CheckpointError(
+        f"The run in {workdir} (checkpoint step {start}) was started with other settings that "
+        f"change the model or its data: {'; '.join(diff.refused)}. Resume with the original "
+        "settings (they are stored with the checkpoint), or use a fresh --workdir (with "
+        f"task.pretrained={workdir} to start from these weights where the task has it).")
+  notes = [f"resuming with changed settings: {c}" for c in diff.allowed]
+  if diff.schedule_changed:
+    try:
+      old = config_lib.from_json(stored)
+      before = float(make_optimizer(old.optimizer, old.train.steps)[1](start))
+    except Exception:  # pylint: disable=broad-except
+      before = None
+    after = float(make_optimizer(config.optimizer, tc.steps)[1](start))
+    jump = f"from {before:.4g} to {after:.4g}" if before is not None else f"now {after:.4g}"
+    notes.append(f"the learning-rate schedule is rebuilt for {tc.steps} steps from the new "
+                 f"settings: at step {start} the learning rate goes {jump}.")
+  return notes
+
+
+def _save_error(e: BaseException, step: int, checkpointer) -> ckpt_lib.CheckpointError:
+  """A clear error for a checkpoint that could not be written."""
+  cause, seen = e, set()
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+      break
+    cause = cause.__cause__ or cause.__context__
+  good = [s for s in checkpointer.manager.all_steps() if s != step]
+  kept = (f"The previous checkpoint (step {max(good)}) is intact: free space, then run the same "
+          "command again to resume from it." if good else
+          "No earlier checkpoint exists: free space and run again (it starts over).")
+  what = "No space left on device" if cause is not None else f"{type(e).__name__}: {e}"
+  return ckpt_lib.CheckpointError(
+      f"Cannot write the checkpoint of step {step} to {checkpointer.directory}: {what}. {kept}")
+
+
+def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_step,
+           evaluate) -> RunResult:
   tc = config.train
   trainer = Trainer(config, workdir, devices=devices)
-  os.makedirs(workdir, exist_ok=True)
   config_json = config_lib.to_json(config)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
   start = checkpointer.latest_step()
+  notes = []
   if start is not None:
+    notes = _resume_notes(checkpointer, start, config, workdir)
+    done = workdir_lib.read_done(workdir)
+    if done is not None and done.get("step") == start == tc.steps:
+      checkpointer.close()
+      if jax.process_index() == 0:
+        print(f"{workdir}: this run already finished at step {start}; nothing to do. Set "
+              f"train.steps above {start} to train longer.", flush=True)
+      return RunResult(step=start, metrics=done.get("metrics", {}))
     state, data_state = checkpointer.restore(start, trainer.abstract_state)
+    dropped = writers.truncate_metrics(workdir, after_step=start)
+    if dropped:
+      notes.append(f"{dropped} metrics rows of steps after {start} (lost with the process that "
+                   "wrote them) were removed from metrics.jsonl; they are logged again.")
   else:
     state, data_state, start = trainer.init_state(), None, 0
+  workdir_lib.clear_done(workdir)
   writer = writers.MetricWriter(workdir, total_steps=tc.steps, start_step=start, progress=progress)
   writer.log(f"datong: {config.recipe or type(config.task).__name__} | mesh "
              f"{dict(trainer.mesh.shape)} | params {trainer.params_plan.report()} | "
              f"optimizer {trainer.opt_plan.report()} | "
              + (f"resumed at step {start}" if start else "fresh start"))
+  for note in notes:
+    writer.log(note)
   iterator = trainer.train_iterator(data_state)
   prefetch = _Prefetcher(iterator, trainer.batch_sharding, tc.prefetch)
   end = tc.steps if stop_at is None else min(stop_at, tc.steps)
@@ -405,27 +280,47 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
   peak = peak_flops(jax.devices()[0])
   data_state = None
   preempted = False
+  skips = {"total": 0, "in_a_row": 0}
 
   def save(step, wait=False):
-    checkpointer.save(step, state, data_state, config_json, wait=wait)
+    try:
+      checkpointer.save(step, state, data_state, config_json, wait=wait)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(e, step, checkpointer) from e
 
   def drain(pending, now_logging: bool):
     """Read the previous step's metrics; act on non-finite values."""
     nonlocal last_train
     step, metrics = pending
     nonfinite = int(metrics["train/nonfinite"])
-    if nonfinite and tc.on_nonfinite == "stop":
+    if nonfinite:
+      skips["total"] += 1
+      skips["in_a_row"] += 1
       good = checkpointer.latest_step()
-      raise NonFiniteLossError(
-          f"loss or gradient became NaN/inf at step {step} (loss={float(metrics['train/loss'])}); "
-          f"the update was not applied and the last good checkpoint (step {good}) is intact. "
-          "Lower optimizer.learning_rate, enable gradient clipping, or set "
-          "train.on_nonfinite=skip to skip such steps.")
+      kept = (f"the last good checkpoint (step {good}) is intact" if good is not None else
+              "no checkpoint was written yet, so a rerun starts over")
+      loss = float(metrics["train/loss"])
+      if tc.on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"loss or gradient became NaN/inf at step {step} (loss={loss}); the update was not "
+            f"applied and {kept}. Lower optimizer.learning_rate, enable gradient clipping "
+            "(optimizer.grad_clip_norm), or set train.on_nonfinite=skip to skip such steps.")
+      ran = step - start
+      if (skips["in_a_row"] >= tc.max_consecutive_skips or
+          (skips["total"] >= tc.max_consecutive_skips and
+           skips["total"] > tc.max_skip_fraction * ran)):
+        raise NonFiniteLossError(
+            f"{skips['total']} of the {ran} steps run since step {start} had a NaN/inf loss or "
+            f"gradient ({skips['in_a_row']} in a row, up to step {step}) and were skipped: past "
+            f"train.max_consecutive_skips={tc.max_consecutive_skips} / train.max_skip_fraction="
+            f"{tc.max_skip_fraction}, so the run stops; {kept}. Lower "
+            "optimizer.learning_rate or look for bad examples in the data.")
+    else:
+      skips["in_a_row"] = 0
     if now_logging:
       last_train = {k: float(v) for k, v in metrics.items()}
     return nonfinite
 
-  skipped = 0
   try:
     with _Preemption() as preemption:
       step = start
@@ -434,14 +329,14 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
         state, metrics = trainer.step(state, batch)
         data_state = data_state_next
         if pending is not None:
-          skipped += drain(pending, now_logging=False)
+          drain(pending, now_logging=False)
         pending = (step + 1, metrics)
         step += 1
         window_steps += 1
         is_last = step == end
         if step % tc.log_every == 0 or is_last:
           metrics = jax.device_get(metrics)
-          skipped += drain((step, metrics), now_logging=True)
+          drain((step, metrics), now_logging=True)
           pending = None
           elapsed = time.perf_counter() - window_start
           rate = window_steps * tc.batch_size / max(elapsed, 1e-9)
@@ -450,8 +345,8 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
             last_train["train/tokens_per_sec"] = rate * tokens
           if flops and peak:
             last_train["train/mfu"] = rate * flops / (peak * jax.device_count())
-          if skipped:
-            last_train["train/skipped_steps"] = skipped
+          if skips["total"]:
+            last_train["train/skipped_steps"] = skips["total"]
           last_train.pop("train/nonfinite", None)
           writer.write(step, last_train)
           writer.progress(step, last_train)
@@ -471,19 +366,30 @@ def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
       if pending is not None:
         drain((pending[0], jax.device_get(pending[1])), now_logging=False)
       save(step, wait=True)
-      if preempted or step < tc.steps:
-        writer.log(f"stopped at step {step}: checkpoint saved in {checkpointer.directory}; "
-                   "run the same command again to resume.")
-      else:
-        if evaluate:
-          last_eval = trainer.evaluate(state.params, step)
-          writer.write(step, last_eval)
-        writer.log(f"done at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in
-                                                          {**last_train, **last_eval}.items()
-                                                          if k.startswith(("eval/", "train/loss"))))
-        writers.plot_metrics(workdir)
+    if preempted or step < tc.steps:
+      preempted = True
+      writer.log(f"stopped at step {step}: checkpoint saved in {checkpointer.directory}; "
+                 "run the same command again to resume.")
+    else:
+      try:
+        with _Interruptible():
+          if evaluate:
+            last_eval = trainer.evaluate(state.params, step)
+            writer.write(step, last_eval)
+          writer.log(f"done at step {step}: " + ", ".join(
+              f"{k}={v:.4f}" for k, v in {**last_train, **last_eval}.items()
+              if k.startswith(("eval/", "train/loss"))))
+          writers.plot_metrics(workdir)
+          if jax.process_index() == 0:
+            workdir_lib.write_done(workdir, step, {**last_train, **last_eval})
+      except _Interrupted:
+        preempted = True
+        writer.log(f"interrupted during the final evaluation at step {step}: the checkpoint is "
+                   f"saved in {checkpointer.directory}; run the same command again to evaluate.")
   finally:
     prefetch.close()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close()
+    finally:
+      writer.close()
   return RunResult(step=step, metrics={**last_train, **last_eval}, preempted=preempted)

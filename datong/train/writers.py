@@ -1,7 +1,8 @@
 """Where metrics go: metrics.jsonl, TensorBoard, a progress bar, PNG plots.
 
 Only process 0 writes. ``metrics.jsonl`` has one JSON object per logged step
-with ``step`` and names such as ``train/loss`` and ``eval/accuracy``.
+with ``step`` and names such as ``train/loss`` and ``eval/accuracy``; it is
+strict JSON (a NaN/inf value is written as the string ``"nan"``/``"inf"``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: _to_python(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._file.write(json.dumps({"step": int(step), **clean}, allow_nan=False) + "\n")
     self._file.flush()
     if self._tb is not None:
       for key, value in clean.items():
@@ -80,10 +81,42 @@ class MetricWriter:
 
 
 def _to_python(value):
+  """A JSON value: numbers as float (non-finite ones as strings), else str."""
+  if isinstance(value, (int, str)):
+    return value
   try:
-    return float(value) if not isinstance(value, (int, str)) else value
+    value = float(value)
   except TypeError:
     return str(value)
+  return value if math.isfinite(value) else str(value)  # "nan", "inf", "-inf"
+
+
+def json_safe(metrics: dict) -> dict:
+  return {k: _to_python(v) for k, v in metrics.items()}
+
+
+def truncate_metrics(workdir: str, after_step: int) -> int:
+  """Drop the rows of steps after ``after_step`` (a resume logs them again);
+  returns how many were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if _row_step(line) <= after_step]
+  if len(keep) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
+def _row_step(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return 0  # a damaged row is kept, not guessed at
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -94,31 +127,46 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Eval metrics that are counts or sizes, not quality: not plotted.
+_COUNTS = ("count", "bytes", "tokens", "examples", "images", "pairs")
+
+
 def plot_metrics(workdir: str) -> list[str]:
-  """PNG plots of the train loss and every eval metric; returns their paths."""
+  """PNG plots, one panel per metric (each on its own axis and scale): the
+  losses (``plot_loss.png``), every eval metric except counts
+  (``plot_eval.png``) and the learning rate; returns their paths."""
   rows = read_metrics(workdir)
   if not rows or jax.process_index() != 0:
     return []
   # The object API, not pyplot: no backend switch under a notebook's feet.
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  groups = {"loss": [k for k in _keys(rows) if k.endswith("loss")],
-            "eval": [k for k in _keys(rows) if k.startswith("eval/") and not k.endswith("loss")],
+  keys = _keys(rows)
+  groups = {"loss": [k for k in keys if k.endswith("loss") and not k.startswith("eval/")],
+            "eval": [k for k in keys if k.startswith("eval/")
+                     and k.rsplit("/", 1)[-1] not in _COUNTS],
             "learning_rate": ["train/learning_rate"]}
   paths = []
-  for name, keys in groups.items():
-    keys = [k for k in keys if any(k in r for r in rows)]
-    if not keys:
-      continue
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for key in keys:
-      pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+  for name, group in groups.items():
+    series = {}
+    for key in group:
+      pts = [(r["step"], r[key]) for r in rows
+             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
       if pts:
-        ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, label=key)
-    ax.set_xlabel("step")
-    ax.set_title(f"{os.path.basename(os.path.abspath(workdir))}: {name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        series[key] = pts
+    if not series:
+      continue
+    cols = min(len(series), 3)
+    nrows = -(-len(series) // cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (key, pts) in zip(axes, series.items()):
+      ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None)
+      ax.set_title(key, fontsize=10)
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+    for ax in axes[len(series):]:
+      ax.set_visible(False)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: {name}")
     path = os.path.join(workdir, f"plot_{name}.png")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

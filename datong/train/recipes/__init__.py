@@ -9,7 +9,9 @@ docstring states what it trains. Adding a recipe is adding a file here.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 import pkgutil
 from types import ModuleType
 
@@ -40,19 +42,33 @@ def describe() -> dict[str, str]:
 def _from_spec(spec: str):
   """``"package.module:function"`` or ``"path/to/file.py:function"`` -> RunConfig."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+  from datong.train.config import RunConfig  # pylint: disable=import-outside-toplevel
   target, _, fn_name = spec.rpartition(":")
   if target.endswith(".py"):
-    module_spec = importlib.util.spec_from_file_location(f"_datong_recipe_{abs(hash(target))}", target)
+    if not os.path.isfile(target):
+      raise ValueError(f"Recipe spec {spec!r}: no file {target!r}.")
+    # A name stable across processes: the run's stored settings name its classes.
+    digest = hashlib.sha1(os.path.abspath(target).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(f"_datong_recipe_{digest}", target)
     if module_spec is None:
       raise ValueError(f"Cannot load recipe file {target!r}.")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
   else:
-    module = importlib.import_module(target)
+    try:
+      module = importlib.import_module(target)
+    except ModuleNotFoundError as e:
+      raise ValueError(f"Recipe spec {spec!r}: cannot import {target!r} ({e}). Give an "
+                       "importable module (on PYTHONPATH) or a path to a .py file, followed "
+                       "by :function.") from None
   fn = getattr(module, fn_name, None)
-  if fn is None:
+  if fn is None or not callable(fn):
     raise ValueError(f"Recipe spec {spec!r}: {target} has no function {fn_name!r}.")
-  return fn()
+  config = fn()
+  if not isinstance(config, RunConfig):
+    raise ValueError(f"Recipe spec {spec!r}: {fn_name}() returned {type(config).__name__}, "
+                     "not a datong.train.config.RunConfig; a recipe function must return one.")
+  return config
 
 
 def get(name: str):
