@@ -25,20 +25,69 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one ``.safetensors`` file as numpy arrays (copies)."""
-  with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
+def _header(path: str, f, file_size: int) -> dict:
+  """The JSON header of an open ``.safetensors`` file, checked against its size."""
+  raw = f.read(8)
+  if len(raw) < 8:
+    raise ValueError(f"{path}: not a safetensors file ({file_size} bytes, shorter than the "
+                     "8-byte header size).")
+  (size,) = struct.unpack("<Q", raw)
+  if size > file_size - 8:
+    raise ValueError(f"{path}: not a valid safetensors file: its header claims {size} bytes "
+                     f"but the file has {file_size}; the file is truncated or not safetensors.")
+  try:
     header = json.loads(f.read(size))
-    data = f.read()
-  out = {}
+  except ValueError as e:
+    raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is "
+                     "damaged.") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the safetensors header is not a JSON object.")
+  return header
+
+
+def _check_entries(path: str, header: dict, data_size: int) -> list[tuple[str, int, int]]:
+  """Each tensor's ``(name, start, end)``: sizes match shapes, ranges lie in the
+  data and do not overlap."""
+  spans = []
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _DTYPES:
-      raise UnsupportedError(f"{path}: tensor {name} has dtype {info['dtype']}; "
+    try:
+      dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}.") from None
+    if dtype not in _DTYPES:
+      raise UnsupportedError(f"{path}: tensor {name} has dtype {dtype}; "
                              f"supported: {sorted(_DTYPES)}")
-    start, end = info["data_offsets"]
+    want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    if not 0 <= start <= end or end - start != want:
+      raise ValueError(f"{path}: tensor {name!r} ({dtype}{list(shape)}, {want} bytes) has the "
+                       f"byte range [{start}, {end}); the file is damaged.")
+    if end > data_size:
+      raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data but the file "
+                       f"holds {data_size}; the file is truncated (download or copy it again).")
+    spans.append((name, start, end))
+  spans.sort(key=lambda t: (t[1], t[2]))
+  for (a, _, a_end), (b, b_start, _) in zip(spans, spans[1:]):
+    if b_start < a_end:
+      raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file; it is damaged.")
+  return spans
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one ``.safetensors`` file as numpy arrays (copies).
+
+  The header is checked first (size within the file, every tensor's byte
+  range matching its shape, inside the data, not overlapping another), so a
+  damaged or truncated file is an error naming the file and the tensor.
+  """
+  file_size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    header = _header(path, f, file_size)
+    data = f.read()
+  out = {}
+  for name, start, end in _check_entries(path, header, len(data)):
+    info = header[name]
     arr = np.frombuffer(data[start:end], dtype=_DTYPES[info["dtype"]])
     out[name] = arr.reshape(info["shape"]).copy()
   return out
@@ -72,15 +121,22 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-  with open(config_file) as f:
-    config = json.load(f)
+  with open(config_file, encoding="utf-8") as f:
+    try:
+      config = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{config_file}: not valid JSON ({e}).") from None
   single = os.path.join(path, "model.safetensors")
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(single):
     return config, read_safetensors(single)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    with open(index, encoding="utf-8") as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'; "
+                         f"{type(e).__name__}: {e}).") from None
     state = {}
     for shard in sorted(set(weight_map.values())):
       state.update(read_safetensors(os.path.join(path, shard)))

@@ -58,10 +58,31 @@ def _check_shapes(q, k, v):
     raise ValueError(
         "q and k must agree on batch and head_dim; got "
         f"q{q.shape} k{k.shape}.")
+  if 0 in q.shape or 0 in k.shape:
+    raise ValueError(f"attention got an empty axis: q{q.shape} k{k.shape} (batch, length, "
+                     "heads, kv_heads and head_dim must all be >= 1).")
   if q.shape[2] % k.shape[2]:
     raise ValueError(
         f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]}) "
         "for grouped-query attention.")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"attention needs floating-point inputs; {name} is {x.dtype}. Cast "
+                       "q, k, v to float32 or bfloat16 (integer scores would round to zero).")
+
+
+def _check_bias_and_mask(q, k, bias, mask):
+  """``bias``/``mask`` must be 4-D and broadcastable to ``[batch, heads, q, kv]``."""
+  want = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+  for name, x in (("bias", bias), ("mask", mask)):
+    if x is None:
+      continue
+    ok = x.ndim == 4 and all(d in (1, w) for d, w in zip(x.shape, want))
+    if not ok:
+      raise ValueError(
+          f"attention {name} has shape {tuple(x.shape)}; it must be 4-D and broadcastable to "
+          f"[batch, heads, q_length, kv_length] = {list(want)} (use 1 for a broadcast axis, "
+          f"e.g. {name}[:, None] for a [batch, q_length, kv_length] {name}).")
 
 
 def combine_masks(q, k, *, causal=False, mask=None, q_segment_ids=None,
@@ -310,6 +331,7 @@ def attention(q, k, v, *, causal: bool = False, bias=None, mask=None,
     ``[batch, q_length, heads, head_dim]`` in q's dtype.
   """
   _check_shapes(q, k, v)
+  _check_bias_and_mask(q, k, bias, mask)
   call = dict(causal=causal, bias=bias, mask=mask, q_segment_ids=q_segment_ids,
               kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate)
   chosen = select_impl(q, k, v, impl=impl, strict=strict, **call)

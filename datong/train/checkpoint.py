@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
+import threading
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -131,6 +135,71 @@ def _check_metadata(config: dict, data_state: dict, where: str) -> None:
         "fresh --workdir.")
 
 
+class _WriterNoise:
+  """While a run holds its checkpointer: the error reports of orbax's writer
+  threads (one per array, tensorstore and asyncio tracebacks: hundreds of
+  lines when a disk fills up) go to ``checkpoints/errors.log``, and the
+  console gets one line pointing there. The failure itself is raised by
+  ``Checkpointer.save``/``close`` with its cause and what to do."""
+
+  _MARKS = ("orbax", "asyncio", "tensorstore")
+
+  def __init__(self, path: str):
+    self.path = path
+    self._told = False
+    self._lock = threading.Lock()
+
+  def _write(self, text: str):
+    with self._lock:
+      try:
+        with open(self.path, "a", encoding="utf-8") as f:
+          f.write(text.rstrip() + "\n")
+        where = f"details in {self.path}"
+      except OSError as e:  # the disk that failed the checkpoint may be this one
+        where = f"details not kept ({e.strerror})"
+      if not self._told:
+        self._told = True
+        first = text.strip().splitlines()[-1][:300] if text.strip() else ""
+        print(f"datong: the checkpoint writer reported an error ({where}): {first}",
+              file=sys.stderr, flush=True)
+
+  def filter(self, record: logging.LogRecord) -> bool:  # logging.Filter protocol
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == "asyncio" or any(m in record.pathname for m in self._MARKS):
+      text = record.getMessage()
+      if record.exc_info:
+        text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+      self._write(text)
+      return False
+    return True
+
+  def _ours(self, exc_type, exc, tb) -> bool:
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    if any(m in text for m in self._MARKS):
+      self._write(text)
+      return True
+    return False
+
+  def __enter__(self):
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).addFilter(self)
+    self._hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+    previous_except, previous_unraisable, previous_thread = self._hooks
+    sys.excepthook = lambda t, e, tb: self._ours(t, e, tb) or previous_except(t, e, tb)
+    sys.unraisablehook = lambda u: (self._ours(u.exc_type, u.exc_value, u.exc_traceback)
+                                    or previous_unraisable(u))
+    threading.excepthook = lambda a: (self._ours(a.exc_type, a.exc_value, a.exc_traceback)
+                                      or previous_thread(a))
+    return self
+
+  def __exit__(self, *exc):
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).removeFilter(self)
+    sys.excepthook, sys.unraisablehook, threading.excepthook = self._hooks
+    return False
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
 
@@ -143,6 +212,32 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=("state", "data", "config"))
+    self._in_flight: Optional[int] = None  # the step of an async save not yet confirmed
+    self.noise = _WriterNoise(os.path.join(self.directory, "errors.log"))
+
+  def _finish(self, now: int):
+    """Wait for the save in flight; a failure raises ``CheckpointError`` with
+    its cause, the step that failed and the checkpoint that survives."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      failed, self._in_flight = (self._in_flight if self._in_flight is not None else now), None
+      raise self._write_error(failed, e) from e
+    self._in_flight = None
+
+  def _write_error(self, step: int, error: BaseException) -> "CheckpointError":
+    text = f"{type(error).__name__}: {error}"
+    full = "No space left on device" in text or "os_error_code='28'" in text or (
+        isinstance(error, OSError) and error.errno == 28)
+    what = "the disk is full (No space left on device)" if full else text[:500]
+    good = [s for s in self.manager.all_steps() if s != step]
+    kept = (f"The previous checkpoint (step {max(good)}) is intact: free space, then run the "
+            "same command again to resume from it." if good else
+            "No earlier checkpoint exists; fix the cause and run again (it starts over).")
+    details = (f" (Writer details: {self.noise.path}.)" if os.path.exists(self.noise.path)
+               else "")
+    return CheckpointError(f"Writing the checkpoint of step {step} to {self.directory} failed: "
+                           f"{what}. {kept}{details}")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -154,20 +249,24 @@ class Checkpointer:
     which ``restore`` checks before reading any array, and every array's
     fingerprint, which it checks after.
     """
+    self._finish(step)
     if step in self.manager.all_steps():
-      self.manager.wait_until_finished()
       return
     config_json = {"run": config_json, "layout": layout(state),
                    "fingerprints": fingerprints(state), "data_sha256": _digest(data_state)}
     config_json["sha256"] = _digest(config_json)
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config_json)), force=True)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config_json)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
     if not saved:
       raise CheckpointError(f"orbax refused to save step {step} in {self.directory}.")
+    self._in_flight = step
     if wait:
-      self.manager.wait_until_finished()
+      self._finish(step)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restore ``step`` into ``abstract_state`` (ShapeDtypeStructs with shardings).
@@ -215,11 +314,13 @@ class Checkpointer:
     return meta["config"].get("run")
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._finish(-1)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish(-1)
+    finally:
+      self.manager.close()
 
 
 def load_params(workdir: str, step: Optional[int] = None):

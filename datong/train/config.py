@@ -160,7 +160,12 @@ def _parse(text: str, current: Any, annotation: Any) -> Any:
     return target(text)
   if target in (tuple, list):
     value = json.loads(text)
-    return target(value) if isinstance(value, list) else target((value,))
+    if isinstance(value, list):
+      return target(value)
+    if (isinstance(value, int) and len(current) == 2
+        and all(isinstance(v, int) for v in current)):
+      return target((value, value))  # a size or patch pair: image_size=32 means (32, 32)
+    return target((value,))
   return json.loads(text)
 
 
@@ -247,7 +252,7 @@ def replace_fields(config, values: dict[str, Any]):
   dataclass (``"task.model.decoder"``), replaced whole.
   """
   values = resolve_names(config, values, nodes=True)
-  return _rebuild(config, values, lambda name, node, f: values[name])
+  return _checked_rebuild(config, values, lambda name, node, f: values[name])
 
 
 def override(config, assignments: dict[str, str]):
@@ -264,7 +269,18 @@ def override(config, assignments: dict[str, str]):
     except (ValueError, json.JSONDecodeError) as e:
       raise ValueError(f"Cannot set {name}={assignments[name]!r}: {e}") from None
 
-  return _rebuild(config, assignments, parse)
+  return _checked_rebuild(config, assignments, parse)
+
+
+def _checked_rebuild(config, values: dict, new_value):
+  """``_rebuild`` whose validation errors name the settings that caused them."""
+  try:
+    return _rebuild(config, values, new_value)
+  except (ValueError, TypeError) as e:
+    if any(name.rsplit(".", 1)[-1] in str(e) for name in values):
+      raise
+    given = ", ".join(f"{name}={value!r}" for name, value in values.items())
+    raise ValueError(f"Cannot apply {given}: {e}") from None
 
 
 # ------------------------------------------------------------ serialization

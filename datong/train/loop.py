@@ -15,8 +15,8 @@ task's loss plus the ``aux_losses`` it reports (see ``Task.loss``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import os
 import queue
 import signal
@@ -32,7 +32,7 @@ from datong.train import data as data_lib
 from datong.train import workdir as workdir_lib
 from datong.train import writers
 from datong.train.config import RunConfig
-from datong.train.optim import make_optimizer
+from datong.train import optim
 from datong.train.trainer import NonFiniteLossError, Trainer, peak_flops
 
 
@@ -207,33 +207,16 @@ def _resume_notes(checkpointer, start: int, config: RunConfig, workdir: str) -> 
         f"task.pretrained={workdir} to start from these weights where the task has it).")
   notes = [f"resuming with changed settings: {c}" for c in diff.allowed]
   if diff.schedule_changed:
-    try:
-      old = config_lib.from_json(stored)
-      before = float(make_optimizer(old.optimizer, old.train.steps)[1](start))
+    try:  # the stored optimizer and step count alone: the task's class may not import
+      before = float(optim.schedule(config_lib.from_json(stored["optimizer"]),
+                                    int(stored["train"]["steps"]))(start))
     except Exception:  # pylint: disable=broad-except
       before = None
-    after = float(make_optimizer(config.optimizer, tc.steps)[1](start))
-    jump = f"from {before:.4g} to {after:.4g}" if before is not None else f"now {after:.4g}"
+    after = float(optim.schedule(config.optimizer, tc.steps)(start))
+    jump = f"from {before:.4g} to {after:.4g}" if before is not None else f"to {after:.4g}"
     notes.append(f"the learning-rate schedule is rebuilt for {tc.steps} steps from the new "
                  f"settings: at step {start} the learning rate goes {jump}.")
   return notes
-
-
-def _save_error(e: BaseException, step: int, checkpointer) -> ckpt_lib.CheckpointError:
-  """A clear error for a checkpoint that could not be written."""
-  cause, seen = e, set()
-  while cause is not None and id(cause) not in seen:
-    seen.add(id(cause))
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-      break
-    cause = cause.__cause__ or cause.__context__
-  good = [s for s in checkpointer.manager.all_steps() if s != step]
-  kept = (f"The previous checkpoint (step {max(good)}) is intact: free space, then run the same "
-          "command again to resume from it." if good else
-          "No earlier checkpoint exists: free space and run again (it starts over).")
-  what = "No space left on device" if cause is not None else f"{type(e).__name__}: {e}"
-  return ckpt_lib.CheckpointError(
-      f"Cannot write the checkpoint of step {step} to {checkpointer.directory}: {what}. {kept}")
 
 
 def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_step,
@@ -283,10 +266,7 @@ def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_st
   skips = {"total": 0, "in_a_row": 0}
 
   def save(step, wait=False):
-    try:
-      checkpointer.save(step, state, data_state, config_json, wait=wait)
-    except Exception as e:  # pylint: disable=broad-except
-      raise _save_error(e, step, checkpointer) from e
+    checkpointer.save(step, state, data_state, config_json, wait=wait)
 
   def drain(pending, now_logging: bool):
     """Read the previous step's metrics; act on non-finite values."""
@@ -321,6 +301,8 @@ def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_st
       last_train = {k: float(v) for k, v in metrics.items()}
     return nonfinite
 
+  quiet = contextlib.ExitStack()
+  quiet.enter_context(checkpointer.noise)
   try:
     with _Preemption() as preemption:
       step = start
@@ -392,4 +374,5 @@ def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_st
       checkpointer.close()
     finally:
       writer.close()
+      quiet.close()
   return RunResult(step=step, metrics={**last_train, **last_eval}, preempted=preempted)

@@ -53,6 +53,18 @@ class Tokenizer(Protocol):
     ...
 
 
+def check_ids(ids: Iterable[int], vocab_size: int, tokenizer) -> list[int]:
+  """``ids`` as ints, each in ``[0, vocab_size)``; else a ValueError naming them
+  (a model with a larger vocabulary than its tokenizer, or a wrong id)."""
+  ids = [int(i) for i in ids]
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"{tokenizer!r}.decode: ids {sorted(set(bad))[:8]} are outside its "
+                     f"vocabulary [0, {vocab_size}); the ids come from a model or table with "
+                     "another vocabulary (slice logits to tokenizer.vocab_size before sampling).")
+  return ids
+
+
 def special_ids(tokenizer) -> tuple[int, ...]:
   """The distinct special ids of ``tokenizer``, sorted (never masked or sampled)."""
   return tuple(sorted({int(getattr(tokenizer, f"{s}_id")) for s in SPECIALS}))
@@ -62,7 +74,8 @@ class ByteTokenizer:
   """UTF-8 bytes as ids 0..255; specials pad, bos, eos, mask, cls, sep at 256..261.
 
   ``decode`` drops special ids and decodes with ``errors="replace"`` (a model
-  may emit bytes that are not valid UTF-8).
+  may emit bytes that are not valid UTF-8); an id outside the vocabulary is an
+  error (``check_ids``).
   """
   num_bytes = 256
   pad_id, bos_id, eos_id, mask_id, cls_id, sep_id = range(256, 262)
@@ -76,7 +89,8 @@ class ByteTokenizer:
     return list(data)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+    ids = check_ids(ids, self.vocab_size, self)
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
   def __repr__(self):
     return "ByteTokenizer()"
@@ -177,9 +191,8 @@ class BPETokenizer:
     return self.encode_bytes(text.encode("utf-8"))
 
   def decode(self, ids: Iterable[int]) -> str:
-    n = self.vocab_size
-    return b"".join(self.token_bytes[int(i)] for i in ids if 0 <= int(i) < n).decode(
-        "utf-8", errors="replace")
+    ids = check_ids(ids, self.vocab_size, self)
+    return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
   def save(self, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
@@ -196,7 +209,12 @@ class BPETokenizer:
     if not isinstance(state, dict) or state.get("format") != cls.FORMAT:
       raise ValueError(f"BPETokenizer.load({path!r}): not a {cls.FORMAT} file; "
                        f"write one with BPETokenizer.save.")
-    return cls([tuple(m) for m in state["merges"]])
+    merges = state.get("merges")
+    if not isinstance(merges, list) or not all(
+        isinstance(m, (list, tuple)) and len(m) == 2 for m in merges):
+      raise ValueError(f"BPETokenizer.load({path!r}): the file has no valid 'merges' list "
+                       "(pairs of ids); it is truncated or not written by BPETokenizer.save.")
+    return cls([tuple(m) for m in merges])
 
   def __repr__(self):
     return f"BPETokenizer(vocab_size={self.vocab_size})"

@@ -132,6 +132,9 @@ class PackedSource:
 def load_documents(dataset: str, split: str, feature: str = "text") -> list[bytes]:
   """Every example's ``feature`` (UTF-8 bytes) of a tfds split, in source order."""
   src = data.load_source(dataset, split)
+  if len(src) and feature not in src[0]:
+    raise ValueError(f"text_feature={feature!r}: the {dataset} {split} examples have no such "
+                     f"feature; they have {sorted(src[0])}. Set text_feature to one of them.")
   docs = []
   for i in range(len(src)):
     value = src[i][feature]
