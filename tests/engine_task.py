@@ -8,6 +8,7 @@ engine tests independent of it.)
 import dataclasses
 import functools
 import os
+import signal
 
 import flax.linen as nn
 import jax
@@ -98,6 +99,8 @@ class DigitsTask(Task):
     return loss, metrics
 
   def evaluate(self, params, ctx):
+    if os.environ.get("DIGITS_SIGINT_IN_EVAL") == "1":  # tests: Ctrl-C during evaluation
+      os.kill(os.getpid(), signal.SIGINT)
     apply = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
     correct = total = 0
     for batch in ctx.batches(self.eval_split):

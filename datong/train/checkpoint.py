@@ -115,6 +115,16 @@ def check_fingerprints(tree, stored: Optional[dict], where: str, *, older: str =
         f"from {older or 'an older checkpoint'}, or use a fresh --workdir.")
 
 
+def _unreadable(where: str, error: BaseException, older: str) -> CheckpointError:
+  """A checkpoint whose files cannot be decoded: the cause in one line."""
+  cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  cause = f"{type(error).__name__}: {cause[:300]}{'...' if len(cause) > 300 else ''}"
+  return CheckpointError(
+      f"The checkpoint at {where} is unreadable ({cause}): damaged or partially written. "
+      f"Delete {where} to resume from {older or 'an older checkpoint'}, or use a fresh "
+      "--workdir; Datong will not start from scratch over it.")
+
+
 def _digest(value) -> str:
   """sha256 of a JSON value's canonical text."""
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
@@ -278,10 +288,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f"The checkpoint at {where} is unreadable ({type(e).__name__}: {e}). It may be "
-          "corrupt or partially written. Delete that step directory to resume from an older "
-          "one, or use a fresh --workdir; refusing to start from scratch over it.") from e
+      raise _unreadable(where, e, self._older(step)) from e
     _check_metadata(meta["config"], meta["data"], where)
     saved = meta["config"].get("layout", {})
     wanted = layout(abstract_state)
@@ -296,14 +303,14 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f"Cannot restore the train state from {where} ({type(e).__name__}: {e}). It may "
-          "be corrupt or written by a different model; delete that step directory or use "
-          "a fresh --workdir.") from e
-    older = [s for s in self.manager.all_steps() if s < step]
+      raise _unreadable(where, e, self._older(step)) from e
     check_fingerprints(restored["state"], meta["config"].get("fingerprints"), where,
-                       older=f"step {max(older)}" if older else "")
+                       older=self._older(step))
     return restored["state"], meta["data"]
+
+  def _older(self, step: int) -> str:
+    older = [s for s in self.manager.all_steps() if s < step]
+    return f"step {max(older)}" if older else ""
 
   def run_config(self, step: int) -> Optional[dict]:
     """The run config (JSON) stored with ``step``, or None if unreadable."""
@@ -353,8 +360,7 @@ def load_params(workdir: str, step: Optional[int] = None):
                                        partial_restore=True),
           config=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"Cannot read the checkpoint at {where} "
-                            f"({type(e).__name__}: {e}).") from e
+      raise _unreadable(where, e, "") from e
     stored = restored["config"].get("fingerprints")
     stored = {k: v for k, v in (stored or {}).items() if k.startswith("params/")}
     check_fingerprints(restored["state"], stored, where)

@@ -131,6 +131,15 @@ def read_metrics(workdir: str) -> list[dict]:
 _COUNTS = ("count", "bytes", "tokens", "examples", "images", "pairs")
 
 
+def plot_panels(rows: list[dict]) -> dict[str, list[str]]:
+  """``{figure: [metric, ...]}``: the panels ``plot_metrics`` draws."""
+  keys = [k for k in _keys(rows) if k != "step"]
+  return {"loss": [k for k in keys if k.endswith("loss") and not k.startswith("eval/")],
+          "eval": [k for k in keys if k.startswith("eval/")
+                   and k.rsplit("/", 1)[-1] not in _COUNTS],
+          "learning_rate": [k for k in keys if k == "train/learning_rate"]}
+
+
 def plot_metrics(workdir: str) -> list[str]:
   """PNG plots, one panel per metric (each on its own axis and scale): the
   losses (``plot_loss.png``), every eval metric except counts
@@ -140,13 +149,8 @@ def plot_metrics(workdir: str) -> list[str]:
     return []
   # The object API, not pyplot: no backend switch under a notebook's feet.
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  keys = _keys(rows)
-  groups = {"loss": [k for k in keys if k.endswith("loss") and not k.startswith("eval/")],
-            "eval": [k for k in keys if k.startswith("eval/")
-                     and k.rsplit("/", 1)[-1] not in _COUNTS],
-            "learning_rate": ["train/learning_rate"]}
   paths = []
-  for name, group in groups.items():
+  for name, group in plot_panels(rows).items():
     series = {}
     for key in group:
       pts = [(r["step"], r[key]) for r in rows

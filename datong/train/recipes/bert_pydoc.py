@@ -32,7 +32,7 @@ def config() -> RunConfig:
   model = TextConfig(backbone=backbone, positions="rope", tie_embeddings=True)
   return RunConfig(
       task=BERTTaskConfig(model=model, seq_length=256),
-      train=TrainConfig(steps=750, batch_size=8, log_every=25, eval_every=0,
+      train=TrainConfig(steps=750, batch_size=8, log_every=25, eval_every=250,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=7e-4, schedule="cosine", warmup_steps=20,
                                 end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,

@@ -11,7 +11,8 @@ byte tokens (and 3e-3) the same model gave 2.550 in 5m04s (560 steps).
 Faster fitting does not help: Muon (``optimizer.algorithm=muon``) at 1.5e-3
 or 4e-3 (+ dropout 0.1) and a 2048-id BPE reach their best held-out numbers
 early (2.130, 2.085, 1.965) and then overfit; Muon at 8e-3 ends at 2.95.
-BENCHMARKS.md has the runs.
+BENCHMARKS.md has the runs. The held-out metrics are also evaluated every 220
+steps (a curve in ``plot_eval.png``; ~3 s of CPU each).
 
 Bits per byte are tokenizer-independent: the summed NLL of the held-out
 tokens over their exact UTF-8 byte count. The tokenizer is a byte-level BPE
@@ -44,7 +45,7 @@ def config() -> RunConfig:
   model = TextConfig(backbone=backbone, vocab_size=1024, positions="rope", tie_embeddings=True)
   return RunConfig(
       task=GPTTaskConfig(model=model, seq_length=256, z_loss=1e-4, tokenizer="bpe:1024"),
-      train=TrainConfig(steps=880, batch_size=8, log_every=25, eval_every=0,
+      train=TrainConfig(steps=880, batch_size=8, log_every=25, eval_every=220,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=20,
                                 end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,

@@ -49,7 +49,7 @@ def config() -> RunConfig:
                                data=ImageData(upsample=4, crop_pad=1, shift=4.0, rotate=15.0,
                                               scale=0.15),
                                label_smoothing=0.1, mixup=0.0, tta_shift=1),
-      train=TrainConfig(steps=2500, batch_size=64, log_every=100, eval_every=0,
+      train=TrainConfig(steps=2500, batch_size=64, log_every=100, eval_every=500,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=100,
                                 weight_decay=0.05, grad_clip_norm=1.0))
