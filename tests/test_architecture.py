@@ -50,7 +50,12 @@ LAYERS = {
     # The engine knows the Task contract, not the objectives or the models.
     ("train", "loop.py"): ("datong.train.checkpoint", "datong.train.config", "datong.train.data",
                            "datong.train.sharding", "datong.train.writers", "datong.train.optim",
-                           "datong.train.task", "datong.train.recipes"),
+                           "datong.train.task", "datong.train.recipes", "datong.train.trainer",
+                           "datong.train.workdir"),
+    ("train", "trainer.py"): ("datong.train.config", "datong.train.data",
+                              "datong.train.sharding", "datong.train.optim", "datong.train.task"),
+    ("train", "workdir.py"): ("datong.train.config", "datong.train.writers"),
+    ("train", "checkpoint.py"): (),
 }
 
 

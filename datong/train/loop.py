@@ -100,11 +100,20 @@ class _Prefetcher:
     self._iterator.close()
 
 
-class _Preemption:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits."""
+class _Interrupted(Exception):
+  """SIGINT / SIGTERM while the final evaluation runs."""
 
-  def __init__(self):
+
+class _Preemption:
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits.
+
+  ``at_once``: they raise ``_Interrupted`` instead (the final evaluation has
+  no step boundary to stop at; its checkpoint is already saved).
+  """
+
+  def __init__(self, at_once: bool = False):
     self.requested = False
+    self.at_once = at_once
     self._previous = {}
 
   def __enter__(self):
@@ -115,6 +124,8 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
+    if self.at_once:
+      raise _Interrupted()
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C really stops
     self.requested = True
@@ -130,37 +141,6 @@ class RunResult:
   step: int
   metrics: dict  # the last logged train metrics and the last eval metrics
   preempted: bool = False  # stopped before train.steps (signal, stop_at): resumable
-
-  @property
-  def finished(self) -> bool:
-    return not self.preempted
-
-
-class _Interrupted(Exception):
-  """SIGINT / SIGTERM while the final evaluation runs."""
-
-
-class _Interruptible:
-  """``with``: SIGINT / SIGTERM raise ``_Interrupted`` at once (the final
-  evaluation has no step boundary to stop at; its checkpoint is saved)."""
-
-  def __init__(self):
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    raise _Interrupted()
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
 
 
 def train(config: RunConfig, workdir: str, *, progress: Optional[bool] = None,
@@ -354,7 +334,7 @@ def _train(config: RunConfig, workdir: str, *, progress, devices, stop_at, on_st
                  "run the same command again to resume.")
     else:
       try:
-        with _Interruptible():
+        with _Preemption(at_once=True):
           if evaluate:
             last_eval = trainer.evaluate(state.params, step)
             writer.write(step, last_eval)
