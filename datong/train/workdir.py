@@ -148,6 +148,17 @@ def _canonical(config_json: dict) -> dict:
   return config_lib.to_json(config_lib.from_json(config_json))
 
 
+def _unwrapped(run_json: dict) -> dict:
+  """A ``WarmStartConfig`` task compared as the task it wraps (+ ``task.init``):
+  adding or dropping ``init=`` on a resume changes nothing a resume uses."""
+  task = run_json.get("task")
+  if isinstance(task, dict) and str(task.get("__type__", "")).endswith(".WarmStartConfig"):
+    inner = dict(task.get("task") or {})
+    inner["init"] = task.get("init", "")
+    return {**run_json, "task": inner}
+  return run_json
+
+
 @dataclasses.dataclass
 class SettingsDiff:
   refused: list[str]  # "name: old -> new"
@@ -158,10 +169,10 @@ class SettingsDiff:
 def compare_settings(stored_json: dict, config) -> SettingsDiff:
   """How ``config`` differs from the run config stored with a checkpoint."""
   try:
-    old = _flat(_canonical(stored_json))
+    old = _canonical(stored_json)
   except Exception:  # pylint: disable=broad-except  (class gone: compare as stored)
-    old = _flat(stored_json)
-  new = _flat(config_lib.to_json(config))
+    old = stored_json
+  old, new = _flat(_unwrapped(old)), _flat(_unwrapped(config_lib.to_json(config)))
   refused, allowed, schedule = [], [], False
   for name in sorted(set(old) | set(new)):
     if old.get(name) == new.get(name):
