@@ -132,7 +132,7 @@ def init(model: nn.Module, *inputs, rng=0, **kwargs):
   ``describe`` and the sharding plan see them; ``model.apply`` takes them as
   they are, ``flax.linen.unbox(params)`` gives plain arrays.
   """
-  from datong.train.loop import INIT_COMPILER_OPTIONS  # pylint: disable=import-outside-toplevel
+  from datong.train.trainer import INIT_COMPILER_OPTIONS  # pylint: disable=import-outside-toplevel
   inputs = inputs or example_inputs(model)
   # One program compiled for running once: far quicker than op by op on a CPU.
   return jax.jit(lambda key, *xs: model.init(key, *xs, **kwargs)["params"],
