@@ -65,6 +65,80 @@ def _save(model, path):
   return str(path)
 
 
+# The hub's spelling (checkpoints written by transformers 4.x) from 5.x
+# ``save_pretrained``'s: renames (regex, replacement) and old buffers.
+HUB_RENAMES = {
+    "gpt2": [(r"^transformer\.", "")],
+    "bert": [(r"LayerNorm\.weight$", "LayerNorm.gamma"), (r"LayerNorm\.bias$", "LayerNorm.beta")],
+    "vit": [],  # 5.x save_pretrained writes the hub's ViT names
+    "vit_mae": [(r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers.")],
+    "clip": [],
+}
+
+
+def _hub_buffers(family, tensors, config):
+  """Buffers old checkpoints carry besides the weights."""
+  if family == "gpt2":
+    n = config["n_positions"]
+    mask = np.tril(np.ones((n, n), bool))[None, None]
+    return {f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}
+  if family == "bert":
+    return {"bert.embeddings.position_ids": np.arange(config["max_position_embeddings"])[None]}
+  if family == "clip":
+    n_text = config["text_config"]["max_position_embeddings"]
+    v = config["vision_config"]
+    n_vis = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    return {"text_model.embeddings.position_ids": np.arange(n_text)[None],
+            "vision_model.embeddings.position_ids": np.arange(n_vis)[None]}
+  return {}
+
+
+def _spellings(torch, ref, tmp_path, family, forward):
+  """``ref`` saved in every spelling a user meets: ``{spelling: directory}``.
+
+  ``save_pretrained`` (transformers 5.x), ``hub`` (4.x names: the
+  ``save_pretrained`` file renamed with ``HUB_RENAMES``, plus old buffers) and
+  ``state_dict`` (5.x module names, ``safetensors.torch.save_file``). The hub
+  file is checked to be a real legacy spelling: ``from_pretrained`` loads it
+  back with the same outputs (``forward(model) -> tensor``).
+  """
+  import re
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  from safetensors.torch import save_file as save_torch
+  paths = {"save_pretrained": _save(ref, tmp_path / "save_pretrained")}
+  config = json.loads((tmp_path / "save_pretrained" / "config.json").read_text())
+  tensors = load_file(str(tmp_path / "save_pretrained" / "model.safetensors"))
+  hub = {}
+  for k, v in tensors.items():
+    for pattern, repl in HUB_RENAMES[family]:
+      k = re.sub(pattern, repl, k)
+    hub[k] = v
+  hub.update(_hub_buffers(family, tensors, config))
+  for name in ("hub", "state_dict"):
+    (tmp_path / name).mkdir()
+    shutil.copy(tmp_path / "save_pretrained" / "config.json", tmp_path / name / "config.json")
+    paths[name] = str(tmp_path / name)
+  save_file(hub, str(tmp_path / "hub" / "model.safetensors"), metadata={"format": "pt"})
+  save_torch({k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()},
+             str(tmp_path / "state_dict" / "model.safetensors"), metadata={"format": "pt"})
+  back = type(ref).from_pretrained(paths["hub"]).eval()
+  with torch.no_grad():
+    want, got = forward(ref), forward(back)
+  np.testing.assert_allclose(_np(got), _np(want), rtol=0, atol=1e-6,
+                             err_msg=f"from_pretrained does not read the {family} hub spelling")
+  return paths
+
+
+def _load_every_spelling(paths, **kw):
+  """``hf.load`` of the hub file, after checking every spelling gives the same params."""
+  model, params = hf.load(paths["hub"], **kw)
+  for name in ("save_pretrained", "state_dict"):
+    _, other = hf.load(paths[name], **kw)
+    jax.tree.map(np.testing.assert_array_equal, other, params)
+  return model, params
+
+
 def run(model, params, *args, method=None, **kw):
   """``model.apply`` jitted (eager flax dispatch is many times slower on CPU)."""
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method, **kw))
@@ -204,13 +278,13 @@ def test_gpt2_parity(torch_hf, tmp_path, tie):
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
   ref = _randomize(torch, T.GPT2LMHeadModel(cfg))
-  path = _save(ref, tmp_path)
   ids = np.random.RandomState(0).randint(0, 61, (2, 12))
+  paths = _spellings(torch, ref, tmp_path, "gpt2", lambda m: m(torch.tensor(ids)).logits)
   with torch.no_grad():
     t_ids = torch.tensor(ids)
     out = ref(t_ids, labels=t_ids)
     hidden = ref.transformer(t_ids).last_hidden_state
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(paths)
   logits, aux = run(model, params, jnp.asarray(ids, jnp.int32))
   loss, _ = causal_lm_loss(logits[:, :-1], jnp.asarray(ids[:, 1:]), jnp.ones((2, 11)))
   errs = {}
@@ -240,9 +314,10 @@ def test_bert_parity(torch_hf, tmp_path, arch):
                      intermediate_size=64, vocab_size=61, max_position_embeddings=16,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   ref = _randomize(torch, getattr(T, arch)(cfg))
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(2)
   ids = rs.randint(0, 61, (2, 10))
+  paths = _spellings(torch, ref, tmp_path, "bert",
+                     lambda m: m.bert(torch.tensor(ids)).last_hidden_state)
   types = (np.arange(10)[None] >= 5).astype(np.int64).repeat(2, 0)
   valid = np.ones((2, 10), np.int64)
   valid[1, 7:] = 0  # right padding in the second row
@@ -260,7 +335,7 @@ def test_bert_parity(torch_hf, tmp_path, arch):
       nsp = torch.tensor([0, 1])
       out = ref(**kw, labels=torch.tensor(labels), next_sentence_label=nsp)
       ref_logits = out.prediction_logits
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(paths)
   assert model.config.nsp == (arch == "BertForPreTraining")
   logits, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                             segment_ids=jnp.asarray(valid, jnp.int32),
@@ -287,13 +362,13 @@ def test_vit_parity(torch_hf, tmp_path, qkv_bias):
                     qkv_bias=qkv_bias, hidden_dropout_prob=0.0,
                     attention_probs_dropout_prob=0.0)
   ref = _randomize(torch, T.ViTForImageClassification(cfg))
-  path = _save(ref, tmp_path)
   pixels = np.random.RandomState(3).randn(2, 3, 16, 16).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "vit", lambda m: m(torch.tensor(pixels)).logits)
   labels = np.array([1, 4])
   with torch.no_grad():
     out = ref(torch.tensor(pixels), labels=torch.tensor(labels))
     hidden = ref.vit(torch.tensor(pixels)).last_hidden_state
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(paths)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))  # NCHW -> NHWC
   logits, aux = run(model, params, images)
   loss = jnp.mean(cross_entropy(logits, jnp.asarray(labels))[0])
@@ -317,7 +392,7 @@ def test_vit_export_parity(torch_hf, tmp_path):
   print(f"vit export {err:.2e}")
 
 
-def _mae_case(torch, T, tmp_path, norm_pix_loss):
+def _mae_case(torch, T, tmp_path, norm_pix_loss, every_spelling=False):
   cfg = T.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64, image_size=16, patch_size=4,
                        decoder_hidden_size=16, decoder_num_hidden_layers=1,
@@ -326,14 +401,18 @@ def _mae_case(torch, T, tmp_path, norm_pix_loss):
   ref = _randomize(torch, T.ViTMAEForPreTraining(cfg))
   with torch.no_grad():  # HF's decoder [CLS] position is a zero row (fixed sin-cos)
     ref.decoder.decoder_pos_embed[:, 0] = 0
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(5)
   pixels = rs.randn(2, 3, 16, 16).astype(np.float32)
   noise = rs.rand(2, 16).astype(np.float32)
+  if every_spelling:
+    paths = _spellings(torch, ref, tmp_path, "vit_mae",
+                       lambda m: m(torch.tensor(pixels), noise=torch.tensor(noise)).logits)
+  else:
+    paths = {"hub": _save(ref, tmp_path)}
   with torch.no_grad():
     out = ref(torch.tensor(pixels), noise=torch.tensor(noise))
     latent = ref.vit(torch.tensor(pixels), noise=torch.tensor(noise)).last_hidden_state
-  model, params = hf.load(path)
+  model, params = (_load_every_spelling(paths) if every_spelling else hf.load(paths["hub"]))
   masking = hf.mae_masking(noise, model.config.mask_ratio)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
   pred, aux = run(model, params, images, masking.keep_indices,
@@ -343,7 +422,7 @@ def _mae_case(torch, T, tmp_path, norm_pix_loss):
 
 def test_vit_mae_parity(torch_hf, tmp_path):
   torch, T = torch_hf
-  model, out, latent, masking, images, pred, aux = _mae_case(torch, T, tmp_path, False)
+  model, out, latent, masking, images, pred, aux = _mae_case(torch, T, tmp_path, False, every_spelling=True)
   np.testing.assert_array_equal(np.asarray(masking.mask), _np(out.mask).astype(bool))
   np.testing.assert_array_equal(np.asarray(masking.restore_indices), _np(out.ids_restore))
   loss, _ = mae_loss(pred, images, masking.mask, model.config.encoder.patch_size,
@@ -372,7 +451,6 @@ def _clip_case(torch, T, tmp_path):
                 intermediate_size=64, image_size=16, patch_size=4)
   ref = _randomize(torch, T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision,
                                                    projection_dim=16)))
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(6)
   lengths = [9, 5, 12]
   ids = np.ones((3, 14), np.int64)  # padded with pad id 1 after the EOS
@@ -381,6 +459,8 @@ def _clip_case(torch, T, tmp_path):
     ids[i, 1:n - 1] = rs.randint(2, 59, n - 2)
     ids[i, n - 1] = 60
   pixels = rs.randn(3, 3, 16, 16).astype(np.float32)
+  path = _spellings(torch, ref, tmp_path, "clip", lambda m: m(
+      input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits_per_image)
   with torch.no_grad():
     out = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
     # The towers alone: transformers 5 overwrites CLIPModel's tower pooler_output
@@ -394,7 +474,7 @@ def _clip_case(torch, T, tmp_path):
 def test_clip_text_parity(torch_hf, tmp_path):
   torch, T = torch_hf
   path, ids, _, out, real = _clip_case(torch, T, tmp_path)
-  tower, params = hf.load_clip_text(path)
+  tower, params = hf.load_clip_text(path["hub"])
   emb, aux = run(tower, params, jnp.asarray(ids, jnp.int32))
   t = out.text_raw
   errs = {}
@@ -409,7 +489,7 @@ def test_clip_parity(torch_hf, tmp_path):
   from datong.multimodal.contrastive import softmax_contrastive_loss
   torch, T = torch_hf
   path, ids, pixels, out, real = _clip_case(torch, T, tmp_path)
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(path)
   img, txt, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
                               jnp.asarray(ids, jnp.int32))
   errs = {}

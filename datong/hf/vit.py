@@ -32,6 +32,19 @@ LAYER = {"q": "attention.attention.query", "k": "attention.attention.key",
          "ln1": "layernorm_before", "fc1": "intermediate.dense",
          "fc2": "output.dense", "ln2": "layernorm_after"}
 
+# Every spelling of a ViT layer -> the hub's (transformers 4.x, also what 5.x
+# ``save_pretrained`` writes for ViT): 5.x ``state_dict()`` names the layers
+# ``layers.{i}`` with ``attention.{q,k,v,o}_proj`` and ``mlp.fc{1,2}``.
+RESPELL = (
+    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+)
+
 
 def vit_config(config: Mapping, arch: str = "ViT", **backbone_overrides) -> ViTConfig:
   bb = TransformerConfig(
@@ -77,6 +90,7 @@ def _num_labels(config: Mapping) -> int:
 
 def load(config: Mapping, state: State, **backbone_overrides):
   """``(ViTClassifier, params)`` from a ViT ``config.json`` dict and its tensors."""
+  state.respell(RESPELL)
   cfg = vit_config(config, "ViT", **backbone_overrides)
   model = ViTClassifier(cfg, _num_labels(config))
   params = {"encoder": vit_encoder_params(cfg, state, "vit.",

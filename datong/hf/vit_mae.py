@@ -15,10 +15,15 @@ import numpy as np
 from datong.backbone import TransformerConfig
 from datong.hf.common import State, UnsupportedError, backbone_params, finish, take_block
 from datong.hf.safetensors import read_checkpoint
-from datong.hf.vit import LAYER, vit_config, vit_encoder_params
+from datong.hf.vit import LAYER, RESPELL, vit_config, vit_encoder_params
 from datong.unimodal.masked_image import MAE, MAEConfig, Masking
 
 ARCHITECTURES = ("ViTMAEForPreTraining",)
+
+# The hub (transformers 4.x) names decoder blocks ``decoder.decoder_layers.{i}``
+# with ViT's layer names; 5.x ``save_pretrained`` writes
+# ``decoder.decoder_encoder.layer.{i}``, 5.x ``state_dict()`` ViT's 5.x names.
+RESPELL_MAE = ((r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),) + RESPELL
 
 
 def mae_masking(noise, mask_ratio: float) -> Masking:
@@ -52,6 +57,7 @@ def vit_mae_config(config: Mapping, **backbone_overrides) -> MAEConfig:
 
 def load(config: Mapping, state: State, **backbone_overrides):
   """``(MAE, params)`` from a ViT-MAE ``config.json`` dict and its tensors."""
+  state.respell(RESPELL_MAE)
   cfg = vit_mae_config(config, **backbone_overrides)
   model = MAE(cfg)
   dec = cfg.decoder
@@ -61,7 +67,7 @@ def load(config: Mapping, state: State, **backbone_overrides):
     raise UnsupportedError("ViTMAE: decoder_pos_embed has a nonzero [CLS] row; Datong's MAE "
                            "decoder adds positions to patch tokens only.")
   zero_qkv_bias = not config.get("qkv_bias", True)
-  layers = [take_block(state, f"decoder.decoder_encoder.layer.{i}.", LAYER, dec,
+  layers = [take_block(state, f"decoder.decoder_layers.{i}.", LAYER, dec,
                        zero_qkv_bias=zero_qkv_bias)
             for i in range(dec.depth)]
   params = {
