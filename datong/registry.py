@@ -28,7 +28,7 @@ from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal.clip import CLIP, ClipConfig
 from datong.unimodal import masked_image as mim
 from datong.unimodal.encoders import ImageClassifier
-from datong.unimodal.text import BERT, GPT, TextConfig
+from datong.unimodal.text import BERT, GPT, TextConfig, TextEncoder
 from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 __all__ = ["KINDS", "ModelKind", "encoder_of", "get", "kind_of", "register"]
@@ -119,6 +119,10 @@ register(ModelKind(
     lambda bb: TextConfig(backbone=bb), _text_inputs))
 register(ModelKind(
     "bert", "masked language model (datong.unimodal.text.BERT)", BERT, TextConfig,
+    lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
+register(ModelKind(
+    "text_encoder", "text encoder, no head, optional BERT pooler "
+    "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,
     lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
 register(ModelKind(
     "vit", "image classifier: any image encoder + linear head "

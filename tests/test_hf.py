@@ -83,7 +83,8 @@ def _hub_buffers(family, tensors, config):
     mask = np.tril(np.ones((n, n), bool))[None, None]
     return {f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}
   if family == "bert":
-    return {"bert.embeddings.position_ids": np.arange(config["max_position_embeddings"])[None]}
+    p = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    return {f"{p}embeddings.position_ids": np.arange(config["max_position_embeddings"])[None]}
   if family == "clip":
     n_text = config["text_config"]["max_position_embeddings"]
     v = config["vision_config"]
@@ -352,6 +353,84 @@ def test_bert_parity(torch_hf, tmp_path, arch):
     nsp_loss = jnp.mean(cross_entropy(aux["nsp_logits"], jnp.array([0, 1]))[0])
     check("loss", loss + nsp_loss, _np(out.loss), errs)
   print(arch, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def _check_hidden_states(name, aux, hf_states, errs, real=None):
+  """HF's ``hidden_states`` = (backbone input, every block's output)."""
+  ours = [aux["embedded"]] + list(aux["layers"])
+  assert len(ours) == len(hf_states)
+  for i, (a, b) in enumerate(zip(ours, hf_states)):
+    a, b = np.asarray(a), _np(b)
+    if real is not None:
+      a, b = a[real], b[real]
+    check(f"{name} hidden_states[{i}]", a, b, errs)
+
+
+def test_bert_model_headless_parity(torch_hf, tmp_path):
+  torch, T = torch_hf
+  cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  ref = _randomize(torch, T.BertModel(cfg))
+  rs = np.random.RandomState(7)
+  ids = rs.randint(0, 61, (2, 10))
+  types = (np.arange(10)[None] >= 4).astype(np.int64).repeat(2, 0)
+  paths = _spellings(torch, ref, tmp_path, "bert",
+                     lambda m: m(torch.tensor(ids), token_type_ids=torch.tensor(types)).pooler_output)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids), token_type_ids=torch.tensor(types), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "TextEncoder" and model.pooler and not model.causal
+  hidden, aux = run(model, params, jnp.asarray(ids, jnp.int32),
+                    token_types=jnp.asarray(types, jnp.int32), return_layers=True)
+  errs = {}
+  check("last_hidden_state", hidden, _np(out.last_hidden_state), errs)
+  check("pooler_output", aux["pooled"], _np(out.pooler_output), errs)
+  _check_hidden_states("bert", aux, out.hidden_states, errs)
+  print("BertModel", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_bert_mlm_checkpoint_with_pretraining_heads_keeps_them(torch_hf, tmp_path):
+  """The hub's bert-base files say BertForMaskedLM but carry the pooler and NSP
+  head: loaded (as ``nsp=True``), not refused and not dropped."""
+  torch, T = torch_hf
+  cfg = T.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, vocab_size=31, max_position_embeddings=8,
+                     architectures=["BertForMaskedLM"])
+  full = _randomize(torch, T.BertForPreTraining(cfg))
+  path = _save(full, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+  model, params = hf.load(path)
+  assert model.config.nsp
+  np.testing.assert_array_equal(params["nsp_head"]["kernel"],
+                                _np(full.cls.seq_relationship.weight).T)
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_vit_model_headless_parity(torch_hf, tmp_path, pooler):
+  torch, T = torch_hf
+  cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, image_size=(16, 12), patch_size=4,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  ref = _randomize(torch, T.ViTModel(cfg, add_pooling_layer=pooler))
+  pixels = np.random.RandomState(8).randn(2, 3, 16, 12).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "vit",
+                     lambda m: m(torch.tensor(pixels)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "ViTEncoder" and model.config.pooler == pooler
+  pooled, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                    return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["encoded"], _np(out.last_hidden_state), errs)
+  if pooler:
+    check("pooler_output", pooled, _np(out.pooler_output), errs)
+  else:
+    assert out.pooler_output is None
+  _check_hidden_states("vit", aux, out.hidden_states, errs)
+  print(f"ViTModel pooler={pooler}", {k: f"{v:.2e}" for k, v in errs.items()})
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])

@@ -1,7 +1,10 @@
-"""BERT (``BertForMaskedLM``, ``BertForPreTraining``) -> Datong ``BERT``.
+"""BERT (``BertForMaskedLM``, ``BertForPreTraining``, ``BertModel``) -> Datong.
 
-Post-LN blocks; ``BertForPreTraining`` adds the pooler and next-sentence head
-(``TextConfig.nsp=True``). Load only: there is no BERT export yet.
+Post-LN blocks. ``BertForPreTraining`` -> ``BERT`` with the pooler and
+next-sentence head (``TextConfig.nsp=True``); so is a ``BertForMaskedLM``
+checkpoint that carries them (the hub's ``bert-base-*`` files do, converted
+from pre-training checkpoints). ``BertModel`` -> ``TextEncoder`` (with
+``pooler=True`` when the checkpoint has one).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from datong.backbone import TransformerConfig
 from datong.hf.common import (State, UnsupportedError, activation, backbone_params, finish, need,
                               norm, take_block)
 from datong.hf.safetensors import read_checkpoint
-from datong.unimodal.text import BERT, TextConfig
+from datong.unimodal.text import BERT, TextConfig, TextEncoder
 
-ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining", "BertModel")
 
 _LAYER = {"q": "attention.self.query", "k": "attention.self.key",
           "v": "attention.self.value", "o": "attention.output.dense",
@@ -25,13 +28,14 @@ _LAYER = {"q": "attention.self.query", "k": "attention.self.key",
           "fc2": "output.dense", "ln2": "output.LayerNorm"}
 
 
-def bert_config(config: Mapping, *, nsp: bool = False, **backbone_overrides) -> TextConfig:
+def bert_config(config: Mapping, *, nsp: bool = False, mlm_head: bool = True,
+                **backbone_overrides) -> TextConfig:
   arch = "BERT"
   need(config, arch, "position_embedding_type", "absolute", "absolute")
   need(config, arch, "is_decoder", False, False)
   need(config, arch, "add_cross_attention", False, False)
   act = activation(config, arch)
-  if act != "gelu":
+  if act != "gelu" and mlm_head:
     # Datong's BERT MLM head (dense + gelu + norm) hard-codes exact gelu.
     raise UnsupportedError(f"BERT: hidden_act={config.get('hidden_act')!r}: Datong's MLM head "
                            "always uses exact gelu (needs a TextConfig.mlm_activation option).")
@@ -48,12 +52,13 @@ def bert_config(config: Mapping, *, nsp: bool = False, **backbone_overrides) -> 
                     type_vocab_size=config.get("type_vocab_size", 2), nsp=nsp)
 
 
-def bert_params(cfg: TextConfig, state: State) -> dict:
+def _encoder_params(cfg: TextConfig, state: State, prefix: str) -> dict:
+  """The shared ``encoder`` tree from HF's ``{prefix}embeddings`` / ``encoder``."""
   bb = cfg.backbone
   d = bb.width
-  layers = [take_block(state, f"bert.encoder.layer.{i}.", _LAYER, bb)
+  layers = [take_block(state, f"{prefix}encoder.layer.{i}.", _LAYER, bb)
             for i in range(bb.depth)]
-  e = "bert.embeddings."
+  e = f"{prefix}embeddings."
   encoder = {
       "embed": {"embedding": state.take(f"{e}word_embeddings.weight", (cfg.vocab_size, d)),
                 "pos_embedding": state.take(f"{e}position_embeddings.weight", (cfg.max_length, d))},
@@ -63,6 +68,17 @@ def bert_params(cfg: TextConfig, state: State) -> dict:
   if cfg.type_vocab_size:
     encoder["type_embed"] = {"embedding": state.take(f"{e}token_type_embeddings.weight",
                                                      (cfg.type_vocab_size, d))}
+  return encoder
+
+
+def _pooler(state: State, prefix: str) -> dict:
+  return {"kernel": state.take(f"{prefix}pooler.dense.weight").T,
+          "bias": state.take(f"{prefix}pooler.dense.bias")}
+
+
+def bert_params(cfg: TextConfig, state: State) -> dict:
+  d = cfg.backbone.width
+  encoder = _encoder_params(cfg, state, "bert.")
   t = "cls.predictions."
   params = {
       "encoder": encoder,
@@ -84,8 +100,7 @@ def bert_params(cfg: TextConfig, state: State) -> dict:
   elif not cfg.tie_embeddings:
     raise ValueError("BERT: tie_word_embeddings=False but no cls.predictions.decoder.weight")
   if cfg.nsp:
-    params["pooler"] = {"kernel": state.take("bert.pooler.dense.weight").T,
-                        "bias": state.take("bert.pooler.dense.bias")}
+    params["pooler"] = _pooler(state, "bert.")
     params["nsp_head"] = {"kernel": state.take("cls.seq_relationship.weight").T,
                           "bias": state.take("cls.seq_relationship.bias")}
   return params
@@ -96,15 +111,37 @@ def _architecture(config: Mapping) -> str:
 
 
 def load(config: Mapping, state: State, **backbone_overrides):
-  """``(BERT, params)``; the NSP head is loaded for ``BertForPreTraining`` configs."""
-  nsp = _architecture(config) == "BertForPreTraining"
+  """``(BERT, params)``, or ``(TextEncoder, params)`` for ``BertModel``.
+
+  The NSP head is loaded for ``BertForPreTraining`` and for any checkpoint
+  that has it (nothing in the file is dropped).
+  """
+  arch = _architecture(config)
+  if arch == "BertModel":
+    return _load_headless(config, state, **backbone_overrides)
+  nsp = arch == "BertForPreTraining" or (state.has("bert.pooler.dense.weight")
+                                         and state.has("cls.seq_relationship.weight"))
   cfg = bert_config(config, nsp=nsp, **backbone_overrides)
   model = BERT(cfg)
   params = bert_params(cfg, state)
   return model, finish(model, params, (jnp.zeros((1, 2), jnp.int32),), state)
 
 
+def _load_headless(config: Mapping, state: State, **backbone_overrides):
+  """``BertModel`` -> ``TextEncoder``: bidirectional, pooler iff the file has one."""
+  # A BertModel saved out of a BertFor* model keeps the ``bert.`` prefix.
+  prefix = "bert." if any(k.startswith("bert.") for k in state.tensors) else ""
+  cfg = bert_config(config, mlm_head=False, **backbone_overrides)
+  pooler = state.has(f"{prefix}pooler.dense.weight")
+  model = TextEncoder(cfg, causal=False, pooler=pooler)
+  params = {"encoder": _encoder_params(cfg, state, prefix)}
+  if pooler:
+    params["pooler"] = _pooler(state, prefix)
+  return model, finish(model, params, (jnp.zeros((1, 2), jnp.int32),), state)
+
+
 def load_bert(path: str, **backbone_overrides):
-  """``(BERT, params)`` from a ``BertForMaskedLM`` / ``BertForPreTraining`` directory."""
+  """``(BERT, params)`` from a ``BertForMaskedLM`` / ``BertForPreTraining`` directory,
+  ``(TextEncoder, params)`` from a ``BertModel`` one."""
   config, tensors = read_checkpoint(path)
   return load(config, State(tensors, _architecture(config)), **backbone_overrides)

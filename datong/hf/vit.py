@@ -1,4 +1,5 @@
-"""ViT (``ViTForImageClassification``) <-> Datong ``ViTClassifier``.
+"""ViT (``ViTForImageClassification``) <-> Datong ``ViTClassifier``; ``ViTModel``
+-> ``ViTEncoder`` (``ViTConfig.pooler=True`` when the checkpoint has HF's pooler).
 
 Datong takes images ``[batch, h, w, c]``: transpose HF's NCHW pixel values.
 HF adds a position embedding to the [CLS] token; Datong's position table
@@ -17,14 +18,14 @@ import numpy as np
 from datong.backbone import TransformerConfig
 from datong.hf.common import (ACTIVATIONS_OUT, State, UnsupportedError, activation,
                               backbone_export_problems, backbone_params, block_from_datong,
-                              finish, layers_of, patch_kernel_from_datong,
+                              finish, layers_of, need, patch_kernel_from_datong,
                               patch_kernel_to_datong, put_block, take_block)
 from datong.hf.safetensors import read_checkpoint
 from datong.ops.patches import pair
 from datong.ops.posemb import sincos_2d
-from datong.unimodal.vision import ViTClassifier, ViTConfig
+from datong.unimodal.vision import ViTClassifier, ViTConfig, ViTEncoder
 
-ARCHITECTURES = ("ViTForImageClassification",)
+ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 EXPORTS = (ViTClassifier,)
 
 LAYER = {"q": "attention.attention.query", "k": "attention.attention.key",
@@ -92,6 +93,8 @@ def load(config: Mapping, state: State, **backbone_overrides):
   """``(ViTClassifier, params)`` from a ViT ``config.json`` dict and its tensors."""
   state.respell(RESPELL)
   cfg = vit_config(config, "ViT", **backbone_overrides)
+  if (config.get("architectures") or [""])[0] == "ViTModel":
+    return _load_headless(config, cfg, state)
   model = ViTClassifier(cfg, _num_labels(config))
   params = {"encoder": vit_encoder_params(cfg, state, "vit.",
                                           zero_qkv_bias=not config.get("qkv_bias", True)),
@@ -101,13 +104,32 @@ def load(config: Mapping, state: State, **backbone_overrides):
   return model, finish(model, params, (images,), state)
 
 
+def _load_headless(config: Mapping, cfg: ViTConfig, state: State):
+  """``ViTModel`` -> ``ViTEncoder``; HF's pooler (dense + tanh on [CLS]) iff the file has it."""
+  prefix = "vit." if any(k.startswith("vit.") for k in state.tensors) else ""
+  pooler = state.has(f"{prefix}pooler.dense.weight")
+  if pooler:
+    need(config, "ViTModel", "pooler_act", "tanh", "tanh")
+    need(config, "ViTModel", "pooler_output_size", (None, cfg.width), cfg.width)
+  cfg = cfg.replace(pooler=pooler)
+  model = ViTEncoder(cfg)
+  params = vit_encoder_params(cfg, state, prefix, zero_qkv_bias=not config.get("qkv_bias", True))
+  if pooler:
+    params["pooler"] = {"kernel": state.take(f"{prefix}pooler.dense.weight").T,
+                        "bias": state.take(f"{prefix}pooler.dense.bias")}
+  images = jnp.zeros((1,) + cfg.image_size + (cfg.channels,), jnp.float32)
+  return model, finish(model, params, (images,), state)
+
+
 def load_vit(path: str, **backbone_overrides):
-  """``(ViTClassifier, params)`` from a ``ViTForImageClassification`` directory.
+  """``(ViTClassifier, params)`` from a ``ViTForImageClassification`` directory,
+  ``(ViTEncoder, params)`` from a ``ViTModel`` one.
 
   Datong takes images ``[batch, h, w, c]``: transpose HF's NCHW pixel values.
   """
   config, tensors = read_checkpoint(path)
-  return load(config, State(tensors, "ViTForImageClassification"), **backbone_overrides)
+  arch = (config.get("architectures") or ["ViTForImageClassification"])[0]
+  return load(config, State(tensors, arch), **backbone_overrides)
 
 
 def export(model: ViTClassifier, params) -> tuple[dict, dict]:
