@@ -73,6 +73,9 @@ HUB_RENAMES = {
     "vit": [],  # 5.x save_pretrained writes the hub's ViT names
     "vit_mae": [(r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers.")],
     "clip": [],
+    # transformers 4.x kept the headless towers under text_model. / vision_model.
+    "clip_text": [(r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1.")],
+    "clip_vision": [(r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_model.\1.")],
 }
 
 
@@ -91,6 +94,12 @@ def _hub_buffers(family, tensors, config):
     n_vis = (v["image_size"] // v["patch_size"]) ** 2 + 1
     return {"text_model.embeddings.position_ids": np.arange(n_text)[None],
             "vision_model.embeddings.position_ids": np.arange(n_vis)[None]}
+  if family == "clip_text":
+    return {"text_model.embeddings.position_ids":
+            np.arange(config["max_position_embeddings"])[None]}
+  if family == "clip_vision":
+    n_vis = (config["image_size"] // config["patch_size"]) ** 2 + 1
+    return {"vision_model.embeddings.position_ids": np.arange(n_vis)[None]}
   return {}
 
 
@@ -582,3 +591,63 @@ def test_clip_parity(torch_hf, tmp_path):
   loss, _ = softmax_contrastive_loss(img, txt, aux["scale"])
   check("loss", loss, _np(out.loss), errs)
   print("clip", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+_CLIP_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                  bos_token_id=59, eos_token_id=60, pad_token_id=1, projection_dim=16)
+_CLIP_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, image_size=16, patch_size=4, projection_dim=16)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_clip_text_model_headless_parity(torch_hf, tmp_path, project):
+  """Every position matches: rows are full length (no padding: HF's padded
+  positions are a separate question), the EOS sits at different places."""
+  torch, T = torch_hf
+  cls = T.CLIPTextModelWithProjection if project else T.CLIPTextModel
+  ref = _randomize(torch, cls(T.CLIPTextConfig(**_CLIP_TEXT)))
+  rs = np.random.RandomState(9)
+  ids = rs.randint(2, 59, (3, 12))
+  ids[:, 0] = 59
+  for row, eos in enumerate([11, 5, 8]):
+    ids[row, eos] = 60
+  paths = _spellings(torch, ref, tmp_path, "clip_text",
+                     lambda m: m(input_ids=torch.tensor(ids)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "TextTower" and model.project == project
+  emb, aux = run(model, params, jnp.asarray(ids, jnp.int32), return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["encoded"], _np(out.last_hidden_state), errs)
+  _check_hidden_states("clip text", aux, out.hidden_states, errs)
+  if project:
+    check("text_embeds", aux["projected"], _np(out.text_embeds), errs)
+  else:
+    check("pooler_output", emb, _np(out.pooler_output), errs)
+  print(cls.__name__, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_clip_vision_model_headless_parity(torch_hf, tmp_path, project):
+  torch, T = torch_hf
+  cls = T.CLIPVisionModelWithProjection if project else T.CLIPVisionModel
+  ref = _randomize(torch, cls(T.CLIPVisionConfig(**_CLIP_VISION)))
+  pixels = np.random.RandomState(10).randn(2, 3, 16, 16).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "clip_vision",
+                     lambda m: m(pixel_values=torch.tensor(pixels)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(pixel_values=torch.tensor(pixels), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == ("ImageClassifier" if project else "ViTEncoder")
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  out_ours, aux = run(model, params, images, return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["pre_norm"], _np(out.last_hidden_state), errs)
+  _check_hidden_states("clip vision", aux, out.hidden_states, errs)
+  if project:
+    check("image_embeds", out_ours, _np(out.image_embeds), errs)
+  else:
+    check("pooler_output", out_ours, _np(out.pooler_output), errs)
+  print(cls.__name__, {k: f"{v:.2e}" for k, v in errs.items()})

@@ -14,13 +14,26 @@ module per family:
 * ``gpt2``: ``GPT2LMHeadModel``, ``GPT2Model`` -> ``GPT`` (learned positions,
   pre-LN, tied or untied head);
 * ``bert``: ``BertForMaskedLM`` -> ``BERT``; ``BertForPreTraining`` -> ``BERT``
-  with ``nsp=True`` (pooler + next-sentence head);
+  with ``nsp=True`` (pooler + next-sentence head); ``BertModel`` ->
+  ``TextEncoder`` (with its pooler);
 * ``vit``: ``ViTForImageClassification`` -> ``ViTClassifier`` (images NHWC:
-  transpose HF's NCHW pixel values);
+  transpose HF's NCHW pixel values); ``ViTModel`` -> ``ViTEncoder`` (with
+  its pooler: ``ViTConfig.pooler``);
 * ``vit_mae``: ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise,
   ratio)`` reproduces HF's masking from its explicit ``noise``;
 * ``clip``: ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit
-  scale); ``load_clip_text`` loads the text tower alone.
+  scale); ``CLIPTextModel(WithProjection)`` -> ``TextTower``,
+  ``CLIPVisionModel`` -> ``ViTEncoder``, ``CLIPVisionModelWithProjection`` ->
+  ``ImageClassifier`` (see ``hf.clip``); ``load_clip_text`` loads
+  ``CLIPModel``'s text tower alone.
+
+Every spelling of a checkpoint is read: the hub's (transformers 4.x names,
+old ``LayerNorm.gamma`` / ``beta``, buffers such as ``position_ids``), what
+transformers 5.x ``save_pretrained`` writes, and 5.x ``model.state_dict()``
+saved with ``safetensors.torch.save_file`` (its new module names, e.g.
+``vit.layers.{i}.attention.q_proj``); each family maps them to the hub's.
+Models return HF's ``hidden_states`` as ``aux["embedded"]`` followed by
+``aux["layers"]`` (``return_layers=True``).
 
 Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not

@@ -1,8 +1,21 @@
-"""CLIP (``CLIPModel``) -> Datong ``CLIP``, or its text tower alone.
+"""CLIP (``CLIPModel``) -> Datong ``CLIP``; its towers alone.
+
+* ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit scale);
+* ``CLIPTextModel`` -> ``TextTower(project=False)`` (returns HF's
+  ``pooler_output``), ``CLIPTextModelWithProjection`` -> ``TextTower``
+  (``aux["projected"]`` is HF's ``text_embeds``), both on a text-only
+  ``ClipConfig`` (``image=None``);
+* ``CLIPVisionModel`` -> ``ViTEncoder``; ``CLIPVisionModelWithProjection`` ->
+  ``ImageClassifier`` whose (bias-free) head is the projection: its output is
+  HF's ``image_embeds``.
 
 Both towers are pre-LN; the vision ``pre_layrnorm`` becomes
 ``ViTConfig.pre_norm``. CLIP's patch conv has no bias: loaded as zeros, which
-is exact. Load only: there is no CLIP export yet.
+is exact. HF's vision ``last_hidden_state`` is before ``post_layernorm``
+(Datong's ``aux["pre_norm"]``); its text ``last_hidden_state`` after
+``final_layer_norm`` (``aux["encoded"]``). transformers 4.x (the hub) keeps
+the headless towers under ``text_model.`` / ``vision_model.``, 5.x saves
+them without the prefix: both are read.
 """
 
 from __future__ import annotations
@@ -18,10 +31,12 @@ from datong.hf.common import (State, activation, backbone_params, finish, norm,
 from datong.hf.safetensors import read_checkpoint
 from datong.ops.patches import pair
 from datong.multimodal.clip import CLIP, ClipConfig, TextTower
+from datong.unimodal.encoders import ImageClassifier
 from datong.unimodal.text import TextConfig
-from datong.unimodal.vision import ViTConfig
+from datong.unimodal.vision import ViTConfig, ViTEncoder
 
-ARCHITECTURES = ("CLIPModel",)
+ARCHITECTURES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection",
+                 "CLIPVisionModel", "CLIPVisionModelWithProjection")
 
 _LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
           "o": "self_attn.out_proj", "ln1": "layer_norm1", "fc1": "mlp.fc1",
@@ -55,48 +70,65 @@ def _ids(tc: Mapping) -> tuple[int, int]:
   return pad, eos
 
 
-def clip_config(config: Mapping, **backbone_overrides) -> ClipConfig:
-  tc, vc = config["text_config"], config["vision_config"]
-  text = TextConfig(backbone=_backbone_config(tc, "CLIP text", **backbone_overrides),
+def _text_config(tc: Mapping, **backbone_overrides) -> TextConfig:
+  return TextConfig(backbone=_backbone_config(tc, "CLIP text", **backbone_overrides),
                     vocab_size=tc.get("vocab_size", 49408), positions="learned",
                     max_length=tc.get("max_position_embeddings", 77), tie_embeddings=False)
-  image = ViTConfig(_backbone_config(vc, "CLIP vision", **backbone_overrides),
-                    image_size=pair(vc.get("image_size", 224)),
-                    patch_size=pair(vc.get("patch_size", 32)),
-                    channels=vc.get("num_channels", 3), pool="cls", posemb="learned",
-                    pre_norm=True)
-  return ClipConfig(image=image, text=text, embed_dim=config.get("projection_dim", 512),
-                    text_pool="eos", text_causal=True, loss="softmax", max_scale=None,
-                    head_bias=False)
 
 
-def _text_params(cfg: ClipConfig, state: State) -> dict:
+def _vision_config(vc: Mapping, **backbone_overrides) -> ViTConfig:
+  return ViTConfig(_backbone_config(vc, "CLIP vision", **backbone_overrides),
+                   image_size=pair(vc.get("image_size", 224)),
+                   patch_size=pair(vc.get("patch_size", 32)),
+                   channels=vc.get("num_channels", 3), pool="cls", posemb="learned",
+                   pre_norm=True)
+
+
+def _clip(image, text, embed_dim) -> ClipConfig:
+  return ClipConfig(image=image, text=text, embed_dim=embed_dim, text_pool="eos",
+                    text_causal=True, loss="softmax", max_scale=None, head_bias=False)
+
+
+def clip_config(config: Mapping, **backbone_overrides) -> ClipConfig:
+  return _clip(_vision_config(config["vision_config"], **backbone_overrides),
+               _text_config(config["text_config"], **backbone_overrides),
+               config.get("projection_dim", 512))
+
+
+def _text_params(cfg: ClipConfig, state: State, p: str = "text_model.",
+                 project: bool = True) -> dict:
   text = cfg.text
   bb = text.backbone
-  p = "text_model."
   layers = [take_block(state, f"{p}encoder.layers.{i}.", _LAYER, bb)
             for i in range(bb.depth)]
-  return {
+  params = {
       "stem": {"embedding": state.take(f"{p}embeddings.token_embedding.weight",
                                        (text.vocab_size, bb.width)),
                "pos_embedding": state.take(f"{p}embeddings.position_embedding.weight",
                                            (text.max_length, bb.width))},
       "backbone": backbone_params(layers, bb, (state.take(f"{p}final_layer_norm.weight"),
                                                state.take(f"{p}final_layer_norm.bias"))),
-      "head": {"kernel": state.take("text_projection.weight", (cfg.embed_dim, bb.width)).T},
   }
+  if project:
+    params["head"] = {"kernel": state.take("text_projection.weight",
+                                           (cfg.embed_dim, bb.width)).T}
+  return params
 
 
 def _image_params(cfg: ClipConfig, state: State) -> dict:
-  vit = cfg.image
+  return {"encoder": _image_encoder_params(cfg.image, state),
+          "head": {"kernel": state.take("visual_projection.weight",
+                                        (cfg.embed_dim, cfg.image.width)).T}}
+
+
+def _image_encoder_params(vit: ViTConfig, state: State, p: str = "vision_model.") -> dict:
   bb = vit.backbone
   d = bb.width
-  p = "vision_model."
   e = f"{p}embeddings."
   pos = state.take(f"{e}position_embedding.weight", (vit.num_patches + 1, d))
   layers = [take_block(state, f"{p}encoder.layers.{i}.", _LAYER, bb)
             for i in range(bb.depth)]
-  encoder = {
+  return {
       "stem": {"projection": {
           "kernel": patch_kernel_to_datong(state.take(
               f"{e}patch_embedding.weight", (d, vit.channels) + vit.patch_size)),
@@ -109,12 +141,46 @@ def _image_params(cfg: ClipConfig, state: State) -> dict:
       "backbone": backbone_params(layers, bb, (state.take(f"{p}post_layernorm.weight"),
                                                state.take(f"{p}post_layernorm.bias"))),
   }
-  return {"encoder": encoder,
-          "head": {"kernel": state.take("visual_projection.weight", (cfg.embed_dim, d)).T}}
+
+
+def _prefix(state: State, prefix: str) -> str:
+  """``prefix`` if the checkpoint has it (transformers 4.x / the hub), else ``""`` (5.x)."""
+  return prefix if any(k.startswith(prefix) for k in state.tensors) else ""
+
+
+def _load_text(config: Mapping, state: State, project: bool, **backbone_overrides):
+  cfg = _clip(None, _text_config(config, **backbone_overrides),
+              config.get("projection_dim", 512))
+  pad, eos = _ids(config)
+  tower = TextTower(cfg, pad_id=pad, eos_id=eos, project=project)
+  p = _prefix(state, "text_model.")
+  params = _text_params(cfg, state, p, project=project)
+  return tower, finish(tower, params, (jnp.zeros((1, 2), jnp.int32),), state)
+
+
+def _load_vision(config: Mapping, state: State, project: bool, **backbone_overrides):
+  vit = _vision_config(config, **backbone_overrides)
+  encoder = _image_encoder_params(vit, state, _prefix(state, "vision_model."))
+  if project:
+    dim = config.get("projection_dim", 512)
+    model = ImageClassifier(vit, dim)
+    params = {"encoder": encoder,
+              "head": {"kernel": state.take("visual_projection.weight", (dim, vit.width)).T,
+                       "bias": np.zeros((dim,), np.float32)}}  # HF's projection has no bias
+  else:
+    model, params = ViTEncoder(vit), encoder
+  images = jnp.zeros((1,) + vit.image_size + (vit.channels,), jnp.float32)
+  return model, finish(model, params, (images,), state)
 
 
 def load(config: Mapping, state: State, **backbone_overrides):
-  """``(CLIP, params)`` from a CLIP ``config.json`` dict and its tensors."""
+  """``(model, params)`` from a CLIP ``config.json`` dict and its tensors (see
+  the module docstring for which model each architecture becomes)."""
+  arch = (config.get("architectures") or ["CLIPModel"])[0]
+  if arch.startswith("CLIPText"):
+    return _load_text(config, state, arch.endswith("WithProjection"), **backbone_overrides)
+  if arch.startswith("CLIPVision"):
+    return _load_vision(config, state, arch.endswith("WithProjection"), **backbone_overrides)
   cfg = clip_config(config, **backbone_overrides)
   pad, eos = _ids(config["text_config"])
   model = CLIP(cfg, pad_id=pad, eos_id=eos)
