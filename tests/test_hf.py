@@ -259,6 +259,35 @@ def test_unsupported_errors_name_the_problem(tmp_path):
     hf.save(SequenceClassifier(model.config, 2), params, str(tmp_path / "x"))
 
 
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+  from datong.multimodal.clip import CLIP, ClipConfig
+  from datong.unimodal.masked_image import MAE, MAEConfig
+  from datong.unimodal.text import BERT, TextEncoder
+  bert_cfg = _tiny_bert_config()
+  for model, match in [(BERT(bert_cfg.replace(backbone=bert_cfg.backbone.replace(
+                            activation="relu"))), "exact gelu"),
+                       (TextEncoder(bert_cfg, causal=True), "causal"),
+                       (BERT(bert_cfg.replace(backbone=bert_cfg.backbone.replace(
+                            norm_position="pre"))), "norm_position")]:
+    params = _random_params(model, jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(hf.UnsupportedError, match=match):
+      hf.save(model, params, str(tmp_path / "bert"))
+  enc = ViTConfig(TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, norm_eps=1e-6),
+                  image_size=(8, 8), patch_size=(4, 4))
+  mae = MAE(MAEConfig(enc, TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32,
+                                             norm_eps=1e-5)))
+  m = hf.mae_masking(jnp.zeros((1, 4)), 0.75)
+  params = _random_params(mae, jnp.zeros((1, 8, 8, 3)), m.keep_indices, m.restore_indices)
+  with pytest.raises(hf.UnsupportedError, match="decoder.norm_eps"):
+    hf.save(mae, params, str(tmp_path / "mae"))
+  text = TextConfig(backbone=enc.backbone, vocab_size=11, positions="learned", max_length=4)
+  clip = CLIP(ClipConfig(image=enc.replace(pre_norm=True), text=text, embed_dim=8,
+                         loss="sigmoid"), pad_id=0, eos_id=10)
+  params = _random_params(clip, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(hf.UnsupportedError, match="loss"):
+    hf.save(clip, params, str(tmp_path / "clip"))
+
+
 def test_sharded_checkpoint(tmp_path):
   model, params = _tiny_gpt()
   src = tmp_path / "one"
@@ -651,3 +680,117 @@ def test_clip_vision_model_headless_parity(torch_hf, tmp_path, project):
   else:
     check("pooler_output", out_ours, _np(out.pooler_output), errs)
   print(cls.__name__, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+# -------------------------------------------------------------- exporters ---
+
+def _exported_in_hub_spelling(torch, T, path, family, arch):
+  """``path`` loads in transformers and its tensor names are the hub's: the
+  names transformers saves back for the loaded model, respelled as the hub
+  (4.x) spells them. Returns the loaded model."""
+  import re
+  from safetensors.numpy import load_file
+  ref, info = getattr(T, arch).from_pretrained(path, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  ref.save_pretrained(path + "_back")
+  rules = [] if family == "bert" else HUB_RENAMES[family]  # BERT: 4.x wrote weight / bias
+  back = set()
+  for k in load_file(path + "_back/model.safetensors"):
+    for pattern, repl in rules:
+      k = re.sub(pattern, repl, k)
+    back.add(k)
+  assert set(load_file(path + "/model.safetensors")) == back
+  return ref.eval()
+
+
+def _tiny_bert_config(nsp=False):
+  bb = TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_position="post",
+                         norm_eps=1e-12, activation="gelu")
+  return TextConfig(backbone=bb, vocab_size=61, positions="learned", max_length=16,
+                    type_vocab_size=2, nsp=nsp)
+
+
+@pytest.mark.parametrize("kind", ["BertForMaskedLM", "BertForPreTraining", "BertModel"])
+def test_bert_export_parity(torch_hf, tmp_path, kind):
+  from datong.unimodal.text import BERT, TextEncoder
+  torch, T = torch_hf
+  cfg = _tiny_bert_config(nsp=kind == "BertForPreTraining")
+  model = TextEncoder(cfg, pooler=True) if kind == "BertModel" else BERT(cfg)
+  params = _random_params(model, jnp.zeros((1, 4), jnp.int32))
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "bert", kind)
+  rs = np.random.RandomState(11)
+  ids = rs.randint(0, 61, (2, 10))
+  types = (np.arange(10)[None] >= 6).astype(np.int64).repeat(2, 0)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids), token_type_ids=torch.tensor(types), output_hidden_states=True)
+  y, aux = run(model, params, jnp.asarray(ids, jnp.int32),
+               token_types=jnp.asarray(types, jnp.int32), return_layers=True)
+  errs = {}
+  _check_hidden_states("bert", aux, out.hidden_states, errs)
+  if kind == "BertModel":
+    check("last_hidden_state", y, _np(out.last_hidden_state), errs)
+    check("pooler_output", aux["pooled"], _np(out.pooler_output), errs)
+  elif kind == "BertForMaskedLM":
+    check("logits", y, _np(out.logits), errs)
+  else:
+    check("prediction_logits", y, _np(out.prediction_logits), errs)
+    check("seq_relationship_logits", aux["nsp_logits"], _np(out.seq_relationship_logits), errs)
+  print(f"{kind} export", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_vit_mae_export_parity(torch_hf, tmp_path):
+  from datong.unimodal.masked_image import MAE, MAEConfig
+  torch, T = torch_hf
+  enc = ViTConfig(TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_eps=1e-6),
+                  image_size=(16, 16), patch_size=(4, 4))
+  dec = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, norm_eps=1e-6)
+  model = MAE(MAEConfig(enc, dec, mask_ratio=0.75, norm_pix_loss=False))
+  m = hf.mae_masking(jnp.zeros((1, 16)), 0.75)
+  params = _random_params(model, jnp.zeros((1, 16, 16, 3)), m.keep_indices, m.restore_indices)
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "vit_mae", "ViTMAEForPreTraining")
+  rs = np.random.RandomState(12)
+  pixels = rs.randn(2, 3, 16, 16).astype(np.float32)
+  noise = rs.rand(2, 16).astype(np.float32)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels), noise=torch.tensor(noise))
+  masking = hf.mae_masking(noise, 0.75)
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  pred, _ = run(model, params, images, masking.keep_indices, masking.restore_indices)
+  loss, _ = mae_loss(pred, images, masking.mask, (4, 4), norm_pix=False)
+  errs = {}
+  check("logits", pred, _np(out.logits), errs)
+  check("loss", loss, _np(out.loss), errs)
+  print("vit-mae export", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_clip_export_parity(torch_hf, tmp_path):
+  from datong.multimodal.clip import CLIP, ClipConfig
+  torch, T = torch_hf
+  vit = ViTConfig(TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_eps=1e-5,
+                                    activation="quick_gelu"),
+                  image_size=(16, 16), patch_size=(4, 4), pre_norm=True)
+  text = TextConfig(backbone=TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64,
+                                               norm_eps=1e-5, activation="quick_gelu"),
+                    vocab_size=61, positions="learned", max_length=16, tie_embeddings=False)
+  model = CLIP(ClipConfig(image=vit, text=text, embed_dim=16, max_scale=None), pad_id=1,
+               eos_id=60)
+  params = _random_params(model, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16), jnp.int32))
+  params["image"]["encoder"]["stem"]["projection"]["bias"] = np.zeros(32, np.float32)
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "clip", "CLIPModel")
+  rs = np.random.RandomState(13)
+  ids = rs.randint(2, 59, (3, 12))
+  for row, eos in enumerate([11, 5, 8]):
+    ids[row, eos] = 60
+  pixels = rs.randn(3, 3, 16, 16).astype(np.float32)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
+  img, txt, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                      jnp.asarray(ids, jnp.int32))
+  errs = {}
+  check("image_embeds", img, _np(out.image_embeds), errs)
+  check("text_embeds", txt, _np(out.text_embeds), errs)
+  check("logits_per_image", aux["scale"] * img @ txt.T, _np(out.logits_per_image), errs)
+  print("clip export", {k: f"{v:.2e}" for k, v in errs.items()})

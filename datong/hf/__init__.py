@@ -39,8 +39,11 @@ Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not
 use are an error too, so nothing is dropped silently.
 
-``save(model, params, path)`` writes the HF format back (``GPT`` ->
-``GPT2LMHeadModel``, ``ViTClassifier`` -> ``ViTForImageClassification``), so
+``save(model, params, path)`` writes the HF format back in the hub's
+spelling (``GPT`` -> ``GPT2LMHeadModel``, ``ViTClassifier`` ->
+``ViTForImageClassification``, ``BERT`` -> ``BertForMaskedLM`` /
+``BertForPreTraining``, ``TextEncoder`` -> ``BertModel``, ``MAE`` ->
+``ViTMAEForPreTraining``, ``CLIP`` -> ``CLIPModel``), so
 ``transformers.AutoModel*.from_pretrained(path)`` loads a Datong-trained model.
 
 Each family module has ``ARCHITECTURES``, ``load(config, state,
@@ -131,8 +134,12 @@ def save(model: nn.Module, params, path: str) -> str:
   ``model.safetensors``) loadable by ``transformers``' ``from_pretrained``.
 
   Supported: ``GPT`` (-> ``GPT2LMHeadModel``), ``ViTClassifier`` (->
-  ``ViTForImageClassification``). ``params`` may be boxed, scanned, or
-  wrapped in ``{"params": ...}``. Weights are written as float32.
+  ``ViTForImageClassification``), ``BERT`` (-> ``BertForMaskedLM``, or
+  ``BertForPreTraining`` with ``nsp``), ``TextEncoder`` (-> ``BertModel``),
+  ``MAE`` (-> ``ViTMAEForPreTraining``), ``CLIP`` (-> ``CLIPModel``).
+  Tensor names are the hub's (transformers 4.x). ``params`` may be boxed,
+  scanned, or wrapped in ``{"params": ...}``. Weights are written as float32.
+  A setting HF cannot express raises ``UnsupportedError`` naming it.
   """
   params = nn.unbox(params)
   if isinstance(params, Mapping) and set(params) == {"params"}:

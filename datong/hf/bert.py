@@ -1,6 +1,6 @@
 """BERT (``BertForMaskedLM``, ``BertForPreTraining``, ``BertModel``) -> Datong.
 
-Post-LN blocks. ``BertForPreTraining`` -> ``BERT`` with the pooler and
+Post-LN blocks; ``export`` writes them back in the hub's spelling. ``BertForPreTraining`` -> ``BERT`` with the pooler and
 next-sentence head (``TextConfig.nsp=True``); so is a ``BertForMaskedLM``
 checkpoint that carries them (the hub's ``bert-base-*`` files do, converted
 from pre-training checkpoints). ``BertModel`` -> ``TextEncoder`` (with
@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong.backbone import TransformerConfig
-from datong.hf.common import (State, UnsupportedError, activation, backbone_params, finish, need,
-                              norm, take_block)
+from datong.hf.common import (ACTIVATIONS_OUT, State, UnsupportedError, activation,
+                              backbone_export_problems, backbone_params, block_from_datong,
+                              finish, layers_of, need, norm, put_block, take_block)
 from datong.hf.safetensors import read_checkpoint
 from datong.unimodal.text import BERT, TextConfig, TextEncoder
 
@@ -145,3 +146,70 @@ def load_bert(path: str, **backbone_overrides):
   ``(TextEncoder, params)`` from a ``BertModel`` one."""
   config, tensors = read_checkpoint(path)
   return load(config, State(tensors, _architecture(config)), **backbone_overrides)
+
+
+EXPORTS = (BERT, TextEncoder)
+
+
+def export(model, params) -> tuple[dict, dict]:
+  """``(config.json dict, state dict)`` in the hub's spelling: ``BERT`` ->
+  ``BertForMaskedLM`` (``BertForPreTraining`` with ``nsp``), ``TextEncoder``
+  -> ``BertModel`` (with its pooler when it has one)."""
+  cfg = model.config
+  bb = cfg.backbone
+  headless = isinstance(model, TextEncoder)
+  problems = backbone_export_problems(bb, norm_position="post")
+  if cfg.positions != "learned":
+    problems.append(f"TextConfig.positions={cfg.positions!r} (BERT has learned positions)")
+  if headless and model.causal:
+    problems.append("TextEncoder.causal=True (BERT attends both ways)")
+  if not headless and bb.activation != "gelu":
+    # HF's MLM transform uses hidden_act; Datong's always uses exact gelu.
+    problems.append(f"TransformerConfig.activation={bb.activation!r} (Datong's MLM head uses "
+                    "exact gelu, HF's the block activation: only 'gelu' agrees)")
+  if problems:
+    raise UnsupportedError("BERT export: " + "; ".join(problems))
+  prefix = "" if headless else "bert."
+  enc = params["encoder"]
+  d = bb.width
+  e = f"{prefix}embeddings."
+  # HF's BERT always adds a token-type embedding: a zero row is exact.
+  types = (np.asarray(enc["type_embed"]["embedding"]) if cfg.type_vocab_size
+           else np.zeros((1, d), np.float32))
+  state = {f"{e}word_embeddings.weight": enc["embed"]["embedding"],
+           f"{e}position_embeddings.weight": enc["embed"]["pos_embedding"],
+           f"{e}token_type_embeddings.weight": types,
+           f"{e}LayerNorm.weight": enc["embed_norm"]["norm"]["scale"],
+           f"{e}LayerNorm.bias": enc["embed_norm"]["norm"]["bias"]}
+  for i, layer in enumerate(layers_of(enc["backbone"], bb)):
+    put_block(state, block_from_datong(layer, bb), f"{prefix}encoder.layer.{i}.", _LAYER)
+  pooler = ("pooler" in params) if headless else cfg.nsp
+  if pooler:
+    state[f"{prefix}pooler.dense.weight"] = np.asarray(params["pooler"]["kernel"]).T
+    state[f"{prefix}pooler.dense.bias"] = params["pooler"]["bias"]
+  if headless:
+    arch = "BertModel"
+  else:
+    t = "cls.predictions."
+    state[f"{t}transform.dense.weight"] = np.asarray(params["mlm_dense"]["kernel"]).T
+    state[f"{t}transform.dense.bias"] = params["mlm_dense"]["bias"]
+    state[f"{t}transform.LayerNorm.weight"] = params["mlm_norm"]["norm"]["scale"]
+    state[f"{t}transform.LayerNorm.bias"] = params["mlm_norm"]["norm"]["bias"]
+    state[f"{t}bias"] = params["mlm_bias"]
+    if not cfg.tie_embeddings:
+      state[f"{t}decoder.weight"] = np.asarray(params["head"]["kernel"]).T
+    if cfg.nsp:
+      state["cls.seq_relationship.weight"] = np.asarray(params["nsp_head"]["kernel"]).T
+      state["cls.seq_relationship.bias"] = params["nsp_head"]["bias"]
+    arch = "BertForPreTraining" if cfg.nsp else "BertForMaskedLM"
+  config = {
+      "architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size,
+      "hidden_size": d, "num_hidden_layers": bb.depth, "num_attention_heads": bb.heads,
+      "intermediate_size": bb.mlp_dim, "hidden_act": ACTIVATIONS_OUT[bb.activation],
+      "max_position_embeddings": cfg.max_length, "type_vocab_size": max(cfg.type_vocab_size, 1),
+      "layer_norm_eps": bb.norm_eps, "initializer_range": cfg.embed_init_std,
+      "hidden_dropout_prob": bb.dropout, "attention_probs_dropout_prob": bb.attention_dropout,
+      "position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False,
+      "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": 0,
+  }
+  return config, state

@@ -132,52 +132,71 @@ def load_vit(path: str, **backbone_overrides):
   return load(config, State(tensors, arch), **backbone_overrides)
 
 
-def export(model: ViTClassifier, params) -> tuple[dict, dict]:
-  """``(config.json dict, state dict)`` of ``ViTForImageClassification``."""
-  cfg = model.config
-  if not isinstance(cfg, ViTConfig):
-    raise UnsupportedError(f"ViT export: the classifier's encoder is a {type(cfg).__name__}; "
-                           "only a ViT encoder maps to ViTForImageClassification.")
-  bb = cfg.backbone
-  problems = backbone_export_problems(bb, norm_position="pre")
+def encoder_export_problems(cfg: ViTConfig) -> list[str]:
+  """What in a ``ViTConfig`` HF's ViT / ViT-MAE encoder cannot express."""
+  problems = backbone_export_problems(cfg.backbone, norm_position="pre")
   if cfg.pool != "cls":
-    problems.append(f"ViTConfig.pool={cfg.pool!r} (HF ViT classifies the [CLS] token)")
+    problems.append(f"ViTConfig.pool={cfg.pool!r} (HF ViT pools the [CLS] token)")
   if cfg.posemb not in ("learned", "sincos"):
     problems.append(f"ViTConfig.posemb={cfg.posemb!r}")
-  if cfg.mask_token:
-    problems.append("ViTConfig.mask_token=True")
-  if problems:
-    raise UnsupportedError("ViT export: " + "; ".join(problems))
-  enc = params["encoder"]
+  for field in ("mask_token", "pre_norm", "pooler"):
+    if getattr(cfg, field):
+      problems.append(f"ViTConfig.{field}=True")
+  return problems
+
+
+def encoder_state(cfg: ViTConfig, enc, prefix: str) -> dict:
+  """HF's ``{prefix}embeddings`` / ``encoder`` / ``layernorm`` tensors of a ViT encoder."""
+  bb = cfg.backbone
   d = bb.width
   if cfg.posemb == "learned":
     pos = np.asarray(enc["stem"]["pos_embedding"])
   else:
     pos = np.asarray(sincos_2d(cfg.grid[0], cfg.grid[1], d))
-  e = "vit.embeddings."
+  e = f"{prefix}embeddings."
   state = {
       f"{e}cls_token": np.asarray(enc["cls"]).reshape(1, 1, d),
       f"{e}position_embeddings": np.concatenate([np.zeros((1, d), pos.dtype), pos])[None],
       f"{e}patch_embeddings.projection.weight": patch_kernel_from_datong(
           enc["stem"]["projection"]["kernel"], cfg.patch_size, cfg.channels),
       f"{e}patch_embeddings.projection.bias": enc["stem"]["projection"]["bias"],
-      "vit.layernorm.weight": enc["backbone"]["final_norm"]["norm"]["scale"],
-      "vit.layernorm.bias": enc["backbone"]["final_norm"]["norm"]["bias"],
-      "classifier.weight": np.asarray(params["head"]["kernel"]).T,
-      "classifier.bias": params["head"]["bias"],
+      f"{prefix}layernorm.weight": enc["backbone"]["final_norm"]["norm"]["scale"],
+      f"{prefix}layernorm.bias": enc["backbone"]["final_norm"]["norm"]["bias"],
   }
   for i, layer in enumerate(layers_of(enc["backbone"], bb)):
-    put_block(state, block_from_datong(layer, bb), f"vit.encoder.layer.{i}.", LAYER)
+    put_block(state, block_from_datong(layer, bb), f"{prefix}encoder.layer.{i}.", LAYER)
+  return state
+
+
+def encoder_config_json(cfg: ViTConfig) -> dict:
+  bb = cfg.backbone
   size = lambda p: p[0] if p[0] == p[1] else list(p)
-  n = model.num_classes
-  config = {
-      "architectures": ["ViTForImageClassification"], "model_type": "vit",
-      "hidden_size": d, "num_hidden_layers": bb.depth, "num_attention_heads": bb.heads,
+  return {
+      "hidden_size": bb.width, "num_hidden_layers": bb.depth, "num_attention_heads": bb.heads,
       "intermediate_size": bb.mlp_dim, "hidden_act": ACTIVATIONS_OUT[bb.activation],
       "layer_norm_eps": bb.norm_eps, "image_size": size(cfg.image_size),
       "patch_size": size(cfg.patch_size), "num_channels": cfg.channels, "qkv_bias": True,
       "hidden_dropout_prob": bb.dropout, "attention_probs_dropout_prob": bb.attention_dropout,
       "initializer_range": bb.init_std,
+  }
+
+
+def export(model: ViTClassifier, params) -> tuple[dict, dict]:
+  """``(config.json dict, state dict)`` of ``ViTForImageClassification``."""
+  cfg = model.config
+  if not isinstance(cfg, ViTConfig):
+    raise UnsupportedError(f"ViT export: the classifier's encoder is a {type(cfg).__name__}; "
+                           "only a ViT encoder maps to ViTForImageClassification.")
+  problems = encoder_export_problems(cfg)
+  if problems:
+    raise UnsupportedError("ViT export: " + "; ".join(problems))
+  state = encoder_state(cfg, params["encoder"], "vit.")
+  state["classifier.weight"] = np.asarray(params["head"]["kernel"]).T
+  state["classifier.bias"] = params["head"]["bias"]
+  n = model.num_classes
+  config = {
+      "architectures": ["ViTForImageClassification"], "model_type": "vit",
+      **encoder_config_json(cfg),
       "id2label": {str(i): f"LABEL_{i}" for i in range(n)},
       "label2id": {f"LABEL_{i}": i for i in range(n)},
   }
