@@ -121,10 +121,6 @@ register(ModelKind(
     "bert", "masked language model (datong.unimodal.text.BERT)", BERT, TextConfig,
     lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
 register(ModelKind(
-    "text_encoder", "text encoder, no head, optional BERT pooler "
-    "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,
-    lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
-register(ModelKind(
     "vit", "image classifier: any image encoder + linear head "
     "(datong.unimodal.encoders.ImageClassifier)", ImageClassifier, ViTConfig, ViTConfig,
     lambda model, batch, seed: (_images(model.config, batch, seed),),
@@ -149,6 +145,10 @@ register(ModelKind(
     lambda bb: ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
                                                                max_length=64)),
     _clip_inputs, encoder_path=("image", "encoder"), encoder_config=lambda c: c.image))
+register(ModelKind(
+    "text_encoder", "text encoder, no head, optional BERT pooler "
+    "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,
+    lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
 
 
 def get(name: str) -> ModelKind:
