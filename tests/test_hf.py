@@ -321,14 +321,18 @@ def test_gpt2_parity(torch_hf, tmp_path, tie):
   paths = _spellings(torch, ref, tmp_path, "gpt2", lambda m: m(torch.tensor(ids)).logits)
   with torch.no_grad():
     t_ids = torch.tensor(ids)
-    out = ref(t_ids, labels=t_ids)
+    out = ref(t_ids, labels=t_ids, output_hidden_states=True)
     hidden = ref.transformer(t_ids).last_hidden_state
   model, params = _load_every_spelling(paths)
-  logits, aux = run(model, params, jnp.asarray(ids, jnp.int32))
+  logits, aux = run(model, params, jnp.asarray(ids, jnp.int32), return_layers=True)
   loss, _ = causal_lm_loss(logits[:, :-1], jnp.asarray(ids[:, 1:]), jnp.ones((2, 11)))
   errs = {}
   check("logits", logits, _np(out.logits), errs)
   check("last_hidden_state", aux["hidden"], _np(hidden), errs)
+  # GPT-2's last hidden state is after ln_f; the others are block outputs.
+  _check_hidden_states("gpt2", {"embedded": aux["embedded"],
+                                "layers": list(aux["layers"][:-1]) + [aux["hidden"]]},
+                       out.hidden_states, errs)
   check("loss", loss, _np(out.loss), errs)
   print("gpt2 tie=%s" % tie, {k: f"{v:.2e}" for k, v in errs.items()})
 
@@ -366,7 +370,7 @@ def test_bert_parity(torch_hf, tmp_path, arch):
   with torch.no_grad():
     kw = dict(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
               attention_mask=torch.tensor(valid))
-    base = ref.bert(**kw).last_hidden_state
+    base = ref.bert(**kw, output_hidden_states=True)
     if arch == "BertForMaskedLM":
       out = ref(**kw, labels=torch.tensor(labels))
       ref_logits = out.logits
@@ -378,11 +382,13 @@ def test_bert_parity(torch_hf, tmp_path, arch):
   assert model.config.nsp == (arch == "BertForPreTraining")
   logits, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                             segment_ids=jnp.asarray(valid, jnp.int32),
-                            token_types=jnp.asarray(types, jnp.int32))
+                            token_types=jnp.asarray(types, jnp.int32), return_layers=True)
   real = valid.astype(bool)  # padded positions differ by design (they see only padding)
   errs = {}
   check("logits", np.asarray(logits)[real], _np(ref_logits)[real], errs)
-  check("last_hidden_state", np.asarray(aux["hidden"])[real], _np(base)[real], errs)
+  check("last_hidden_state", np.asarray(aux["hidden"])[real],
+        _np(base.last_hidden_state)[real], errs)
+  _check_hidden_states("bert", aux, base.hidden_states, errs, real=real)
   loss, _ = mlm_loss(logits, jnp.asarray(np.maximum(labels, 0)), jnp.asarray(labels >= 0))
   if arch == "BertForMaskedLM":
     check("loss", loss, _np(out.loss), errs)
@@ -484,14 +490,15 @@ def test_vit_parity(torch_hf, tmp_path, qkv_bias):
   labels = np.array([1, 4])
   with torch.no_grad():
     out = ref(torch.tensor(pixels), labels=torch.tensor(labels))
-    hidden = ref.vit(torch.tensor(pixels)).last_hidden_state
+    base = ref.vit(torch.tensor(pixels), output_hidden_states=True)
   model, params = _load_every_spelling(paths)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))  # NCHW -> NHWC
-  logits, aux = run(model, params, images)
+  logits, aux = run(model, params, images, return_layers=True)
   loss = jnp.mean(cross_entropy(logits, jnp.asarray(labels))[0])
   errs = {}
   check("logits", logits, _np(out.logits), errs)
-  check("last_hidden_state", aux["encoded"], _np(hidden), errs)
+  check("last_hidden_state", aux["encoded"], _np(base.last_hidden_state), errs)
+  _check_hidden_states("vit", aux, base.hidden_states, errs)
   check("loss", loss, _np(out.loss), errs)
   print(f"vit qkv_bias={qkv_bias}", {k: f"{v:.2e}" for k, v in errs.items()})
 
