@@ -28,7 +28,7 @@ from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal.clip import CLIP, ClipConfig
 from datong.unimodal import masked_image as mim
 from datong.unimodal.encoders import ImageClassifier
-from datong.unimodal.text import BERT, GPT, TextConfig
+from datong.unimodal.text import BERT, GPT, TextConfig, TextEncoder
 from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 __all__ = ["KINDS", "ModelKind", "encoder_of", "get", "kind_of", "register"]
@@ -145,6 +145,10 @@ register(ModelKind(
     lambda bb: ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
                                                                max_length=64)),
     _clip_inputs, encoder_path=("image", "encoder"), encoder_config=lambda c: c.image))
+register(ModelKind(
+    "text_encoder", "text encoder, no head, optional BERT pooler "
+    "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,
+    lambda bb: TextConfig(backbone=bb, positions="learned"), _text_inputs))
 
 
 def get(name: str) -> ModelKind:

@@ -65,6 +65,90 @@ def _save(model, path):
   return str(path)
 
 
+# The hub's spelling (checkpoints written by transformers 4.x) from 5.x
+# ``save_pretrained``'s: renames (regex, replacement) and old buffers.
+HUB_RENAMES = {
+    "gpt2": [(r"^transformer\.", "")],
+    "bert": [(r"LayerNorm\.weight$", "LayerNorm.gamma"), (r"LayerNorm\.bias$", "LayerNorm.beta")],
+    "vit": [],  # 5.x save_pretrained writes the hub's ViT names
+    "vit_mae": [(r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers.")],
+    "clip": [],
+    # transformers 4.x kept the headless towers under text_model. / vision_model.
+    "clip_text": [(r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1.")],
+    "clip_vision": [(r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_model.\1.")],
+}
+
+
+def _hub_buffers(family, tensors, config):
+  """Buffers old checkpoints carry besides the weights."""
+  if family == "gpt2":
+    n = config["n_positions"]
+    mask = np.tril(np.ones((n, n), bool))[None, None]
+    return {f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}
+  if family == "bert":
+    p = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    return {f"{p}embeddings.position_ids": np.arange(config["max_position_embeddings"])[None]}
+  if family == "clip":
+    n_text = config["text_config"]["max_position_embeddings"]
+    v = config["vision_config"]
+    n_vis = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    return {"text_model.embeddings.position_ids": np.arange(n_text)[None],
+            "vision_model.embeddings.position_ids": np.arange(n_vis)[None]}
+  if family == "clip_text":
+    return {"text_model.embeddings.position_ids":
+            np.arange(config["max_position_embeddings"])[None]}
+  if family == "clip_vision":
+    n_vis = (config["image_size"] // config["patch_size"]) ** 2 + 1
+    return {"vision_model.embeddings.position_ids": np.arange(n_vis)[None]}
+  return {}
+
+
+def _spellings(torch, ref, tmp_path, family, forward):
+  """``ref`` saved in every spelling a user meets: ``{spelling: directory}``.
+
+  ``save_pretrained`` (transformers 5.x), ``hub`` (4.x names: the
+  ``save_pretrained`` file renamed with ``HUB_RENAMES``, plus old buffers) and
+  ``state_dict`` (5.x module names, ``safetensors.torch.save_file``). The hub
+  file is checked to be a real legacy spelling: ``from_pretrained`` loads it
+  back with the same outputs (``forward(model) -> tensor``).
+  """
+  import re
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  from safetensors.torch import save_file as save_torch
+  paths = {"save_pretrained": _save(ref, tmp_path / "save_pretrained")}
+  config = json.loads((tmp_path / "save_pretrained" / "config.json").read_text())
+  tensors = load_file(str(tmp_path / "save_pretrained" / "model.safetensors"))
+  hub = {}
+  for k, v in tensors.items():
+    for pattern, repl in HUB_RENAMES[family]:
+      k = re.sub(pattern, repl, k)
+    hub[k] = v
+  hub.update(_hub_buffers(family, tensors, config))
+  for name in ("hub", "state_dict"):
+    (tmp_path / name).mkdir()
+    shutil.copy(tmp_path / "save_pretrained" / "config.json", tmp_path / name / "config.json")
+    paths[name] = str(tmp_path / name)
+  save_file(hub, str(tmp_path / "hub" / "model.safetensors"), metadata={"format": "pt"})
+  save_torch({k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()},
+             str(tmp_path / "state_dict" / "model.safetensors"), metadata={"format": "pt"})
+  back = type(ref).from_pretrained(paths["hub"]).eval()
+  with torch.no_grad():
+    want, got = forward(ref), forward(back)
+  np.testing.assert_allclose(_np(got), _np(want), rtol=0, atol=1e-6,
+                             err_msg=f"from_pretrained does not read the {family} hub spelling")
+  return paths
+
+
+def _load_every_spelling(paths, **kw):
+  """``hf.load`` of the hub file, after checking every spelling gives the same params."""
+  model, params = hf.load(paths["hub"], **kw)
+  for name in ("save_pretrained", "state_dict"):
+    _, other = hf.load(paths[name], **kw)
+    jax.tree.map(np.testing.assert_array_equal, other, params)
+  return model, params
+
+
 def run(model, params, *args, method=None, **kw):
   """``model.apply`` jitted (eager flax dispatch is many times slower on CPU)."""
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method, **kw))
@@ -175,6 +259,35 @@ def test_unsupported_errors_name_the_problem(tmp_path):
     hf.save(SequenceClassifier(model.config, 2), params, str(tmp_path / "x"))
 
 
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+  from datong.multimodal.clip import CLIP, ClipConfig
+  from datong.unimodal.masked_image import MAE, MAEConfig
+  from datong.unimodal.text import BERT, TextEncoder
+  bert_cfg = _tiny_bert_config()
+  for model, match in [(BERT(bert_cfg.replace(backbone=bert_cfg.backbone.replace(
+                            activation="relu"))), "exact gelu"),
+                       (TextEncoder(bert_cfg, causal=True), "causal"),
+                       (BERT(bert_cfg.replace(backbone=bert_cfg.backbone.replace(
+                            norm_position="pre"))), "norm_position")]:
+    params = _random_params(model, jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(hf.UnsupportedError, match=match):
+      hf.save(model, params, str(tmp_path / "bert"))
+  enc = ViTConfig(TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, norm_eps=1e-6),
+                  image_size=(8, 8), patch_size=(4, 4))
+  mae = MAE(MAEConfig(enc, TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32,
+                                             norm_eps=1e-5)))
+  m = hf.mae_masking(jnp.zeros((1, 4)), 0.75)
+  params = _random_params(mae, jnp.zeros((1, 8, 8, 3)), m.keep_indices, m.restore_indices)
+  with pytest.raises(hf.UnsupportedError, match="decoder.norm_eps"):
+    hf.save(mae, params, str(tmp_path / "mae"))
+  text = TextConfig(backbone=enc.backbone, vocab_size=11, positions="learned", max_length=4)
+  clip = CLIP(ClipConfig(image=enc.replace(pre_norm=True), text=text, embed_dim=8,
+                         loss="sigmoid"), pad_id=0, eos_id=10)
+  params = _random_params(clip, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(hf.UnsupportedError, match="loss"):
+    hf.save(clip, params, str(tmp_path / "clip"))
+
+
 def test_sharded_checkpoint(tmp_path):
   model, params = _tiny_gpt()
   src = tmp_path / "one"
@@ -204,18 +317,22 @@ def test_gpt2_parity(torch_hf, tmp_path, tie):
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
   ref = _randomize(torch, T.GPT2LMHeadModel(cfg))
-  path = _save(ref, tmp_path)
   ids = np.random.RandomState(0).randint(0, 61, (2, 12))
+  paths = _spellings(torch, ref, tmp_path, "gpt2", lambda m: m(torch.tensor(ids)).logits)
   with torch.no_grad():
     t_ids = torch.tensor(ids)
-    out = ref(t_ids, labels=t_ids)
+    out = ref(t_ids, labels=t_ids, output_hidden_states=True)
     hidden = ref.transformer(t_ids).last_hidden_state
-  model, params = hf.load(path)
-  logits, aux = run(model, params, jnp.asarray(ids, jnp.int32))
+  model, params = _load_every_spelling(paths)
+  logits, aux = run(model, params, jnp.asarray(ids, jnp.int32), return_layers=True)
   loss, _ = causal_lm_loss(logits[:, :-1], jnp.asarray(ids[:, 1:]), jnp.ones((2, 11)))
   errs = {}
   check("logits", logits, _np(out.logits), errs)
   check("last_hidden_state", aux["hidden"], _np(hidden), errs)
+  # GPT-2's last hidden state is after ln_f; the others are block outputs.
+  _check_hidden_states("gpt2", {"embedded": aux["embedded"],
+                                "layers": list(aux["layers"][:-1]) + [aux["hidden"]]},
+                       out.hidden_states, errs)
   check("loss", loss, _np(out.loss), errs)
   print("gpt2 tie=%s" % tie, {k: f"{v:.2e}" for k, v in errs.items()})
 
@@ -240,9 +357,10 @@ def test_bert_parity(torch_hf, tmp_path, arch):
                      intermediate_size=64, vocab_size=61, max_position_embeddings=16,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   ref = _randomize(torch, getattr(T, arch)(cfg))
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(2)
   ids = rs.randint(0, 61, (2, 10))
+  paths = _spellings(torch, ref, tmp_path, "bert",
+                     lambda m: m.bert(torch.tensor(ids)).last_hidden_state)
   types = (np.arange(10)[None] >= 5).astype(np.int64).repeat(2, 0)
   valid = np.ones((2, 10), np.int64)
   valid[1, 7:] = 0  # right padding in the second row
@@ -252,7 +370,7 @@ def test_bert_parity(torch_hf, tmp_path, arch):
   with torch.no_grad():
     kw = dict(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
               attention_mask=torch.tensor(valid))
-    base = ref.bert(**kw).last_hidden_state
+    base = ref.bert(**kw, output_hidden_states=True)
     if arch == "BertForMaskedLM":
       out = ref(**kw, labels=torch.tensor(labels))
       ref_logits = out.logits
@@ -260,15 +378,17 @@ def test_bert_parity(torch_hf, tmp_path, arch):
       nsp = torch.tensor([0, 1])
       out = ref(**kw, labels=torch.tensor(labels), next_sentence_label=nsp)
       ref_logits = out.prediction_logits
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(paths)
   assert model.config.nsp == (arch == "BertForPreTraining")
   logits, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                             segment_ids=jnp.asarray(valid, jnp.int32),
-                            token_types=jnp.asarray(types, jnp.int32))
+                            token_types=jnp.asarray(types, jnp.int32), return_layers=True)
   real = valid.astype(bool)  # padded positions differ by design (they see only padding)
   errs = {}
   check("logits", np.asarray(logits)[real], _np(ref_logits)[real], errs)
-  check("last_hidden_state", np.asarray(aux["hidden"])[real], _np(base)[real], errs)
+  check("last_hidden_state", np.asarray(aux["hidden"])[real],
+        _np(base.last_hidden_state)[real], errs)
+  _check_hidden_states("bert", aux, base.hidden_states, errs, real=real)
   loss, _ = mlm_loss(logits, jnp.asarray(np.maximum(labels, 0)), jnp.asarray(labels >= 0))
   if arch == "BertForMaskedLM":
     check("loss", loss, _np(out.loss), errs)
@@ -279,6 +399,84 @@ def test_bert_parity(torch_hf, tmp_path, arch):
   print(arch, {k: f"{v:.2e}" for k, v in errs.items()})
 
 
+def _check_hidden_states(name, aux, hf_states, errs, real=None):
+  """HF's ``hidden_states`` = (backbone input, every block's output)."""
+  ours = [aux["embedded"]] + list(aux["layers"])
+  assert len(ours) == len(hf_states)
+  for i, (a, b) in enumerate(zip(ours, hf_states)):
+    a, b = np.asarray(a), _np(b)
+    if real is not None:
+      a, b = a[real], b[real]
+    check(f"{name} hidden_states[{i}]", a, b, errs)
+
+
+def test_bert_model_headless_parity(torch_hf, tmp_path):
+  torch, T = torch_hf
+  cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  ref = _randomize(torch, T.BertModel(cfg))
+  rs = np.random.RandomState(7)
+  ids = rs.randint(0, 61, (2, 10))
+  types = (np.arange(10)[None] >= 4).astype(np.int64).repeat(2, 0)
+  paths = _spellings(torch, ref, tmp_path, "bert",
+                     lambda m: m(torch.tensor(ids), token_type_ids=torch.tensor(types)).pooler_output)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids), token_type_ids=torch.tensor(types), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "TextEncoder" and model.pooler and not model.causal
+  hidden, aux = run(model, params, jnp.asarray(ids, jnp.int32),
+                    token_types=jnp.asarray(types, jnp.int32), return_layers=True)
+  errs = {}
+  check("last_hidden_state", hidden, _np(out.last_hidden_state), errs)
+  check("pooler_output", aux["pooled"], _np(out.pooler_output), errs)
+  _check_hidden_states("bert", aux, out.hidden_states, errs)
+  print("BertModel", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_bert_mlm_checkpoint_with_pretraining_heads_keeps_them(torch_hf, tmp_path):
+  """The hub's bert-base files say BertForMaskedLM but carry the pooler and NSP
+  head: loaded (as ``nsp=True``), not refused and not dropped."""
+  torch, T = torch_hf
+  cfg = T.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, vocab_size=31, max_position_embeddings=8,
+                     architectures=["BertForMaskedLM"])
+  full = _randomize(torch, T.BertForPreTraining(cfg))
+  path = _save(full, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+  model, params = hf.load(path)
+  assert model.config.nsp
+  np.testing.assert_array_equal(params["nsp_head"]["kernel"],
+                                _np(full.cls.seq_relationship.weight).T)
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_vit_model_headless_parity(torch_hf, tmp_path, pooler):
+  torch, T = torch_hf
+  cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, image_size=(16, 12), patch_size=4,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  ref = _randomize(torch, T.ViTModel(cfg, add_pooling_layer=pooler))
+  pixels = np.random.RandomState(8).randn(2, 3, 16, 12).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "vit",
+                     lambda m: m(torch.tensor(pixels)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "ViTEncoder" and model.config.pooler == pooler
+  pooled, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                    return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["encoded"], _np(out.last_hidden_state), errs)
+  if pooler:
+    check("pooler_output", pooled, _np(out.pooler_output), errs)
+  else:
+    assert out.pooler_output is None
+  _check_hidden_states("vit", aux, out.hidden_states, errs)
+  print(f"ViTModel pooler={pooler}", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_vit_parity(torch_hf, tmp_path, qkv_bias):
   torch, T = torch_hf
@@ -287,19 +485,20 @@ def test_vit_parity(torch_hf, tmp_path, qkv_bias):
                     qkv_bias=qkv_bias, hidden_dropout_prob=0.0,
                     attention_probs_dropout_prob=0.0)
   ref = _randomize(torch, T.ViTForImageClassification(cfg))
-  path = _save(ref, tmp_path)
   pixels = np.random.RandomState(3).randn(2, 3, 16, 16).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "vit", lambda m: m(torch.tensor(pixels)).logits)
   labels = np.array([1, 4])
   with torch.no_grad():
     out = ref(torch.tensor(pixels), labels=torch.tensor(labels))
-    hidden = ref.vit(torch.tensor(pixels)).last_hidden_state
-  model, params = hf.load(path)
+    base = ref.vit(torch.tensor(pixels), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))  # NCHW -> NHWC
-  logits, aux = run(model, params, images)
+  logits, aux = run(model, params, images, return_layers=True)
   loss = jnp.mean(cross_entropy(logits, jnp.asarray(labels))[0])
   errs = {}
   check("logits", logits, _np(out.logits), errs)
-  check("last_hidden_state", aux["encoded"], _np(hidden), errs)
+  check("last_hidden_state", aux["encoded"], _np(base.last_hidden_state), errs)
+  _check_hidden_states("vit", aux, base.hidden_states, errs)
   check("loss", loss, _np(out.loss), errs)
   print(f"vit qkv_bias={qkv_bias}", {k: f"{v:.2e}" for k, v in errs.items()})
 
@@ -317,7 +516,7 @@ def test_vit_export_parity(torch_hf, tmp_path):
   print(f"vit export {err:.2e}")
 
 
-def _mae_case(torch, T, tmp_path, norm_pix_loss):
+def _mae_case(torch, T, tmp_path, norm_pix_loss, every_spelling=False):
   cfg = T.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64, image_size=16, patch_size=4,
                        decoder_hidden_size=16, decoder_num_hidden_layers=1,
@@ -326,14 +525,18 @@ def _mae_case(torch, T, tmp_path, norm_pix_loss):
   ref = _randomize(torch, T.ViTMAEForPreTraining(cfg))
   with torch.no_grad():  # HF's decoder [CLS] position is a zero row (fixed sin-cos)
     ref.decoder.decoder_pos_embed[:, 0] = 0
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(5)
   pixels = rs.randn(2, 3, 16, 16).astype(np.float32)
   noise = rs.rand(2, 16).astype(np.float32)
+  if every_spelling:
+    paths = _spellings(torch, ref, tmp_path, "vit_mae",
+                       lambda m: m(torch.tensor(pixels), noise=torch.tensor(noise)).logits)
+  else:
+    paths = {"hub": _save(ref, tmp_path)}
   with torch.no_grad():
     out = ref(torch.tensor(pixels), noise=torch.tensor(noise))
     latent = ref.vit(torch.tensor(pixels), noise=torch.tensor(noise)).last_hidden_state
-  model, params = hf.load(path)
+  model, params = (_load_every_spelling(paths) if every_spelling else hf.load(paths["hub"]))
   masking = hf.mae_masking(noise, model.config.mask_ratio)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
   pred, aux = run(model, params, images, masking.keep_indices,
@@ -343,7 +546,7 @@ def _mae_case(torch, T, tmp_path, norm_pix_loss):
 
 def test_vit_mae_parity(torch_hf, tmp_path):
   torch, T = torch_hf
-  model, out, latent, masking, images, pred, aux = _mae_case(torch, T, tmp_path, False)
+  model, out, latent, masking, images, pred, aux = _mae_case(torch, T, tmp_path, False, every_spelling=True)
   np.testing.assert_array_equal(np.asarray(masking.mask), _np(out.mask).astype(bool))
   np.testing.assert_array_equal(np.asarray(masking.restore_indices), _np(out.ids_restore))
   loss, _ = mae_loss(pred, images, masking.mask, model.config.encoder.patch_size,
@@ -372,7 +575,6 @@ def _clip_case(torch, T, tmp_path):
                 intermediate_size=64, image_size=16, patch_size=4)
   ref = _randomize(torch, T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision,
                                                    projection_dim=16)))
-  path = _save(ref, tmp_path)
   rs = np.random.RandomState(6)
   lengths = [9, 5, 12]
   ids = np.ones((3, 14), np.int64)  # padded with pad id 1 after the EOS
@@ -381,6 +583,8 @@ def _clip_case(torch, T, tmp_path):
     ids[i, 1:n - 1] = rs.randint(2, 59, n - 2)
     ids[i, n - 1] = 60
   pixels = rs.randn(3, 3, 16, 16).astype(np.float32)
+  path = _spellings(torch, ref, tmp_path, "clip", lambda m: m(
+      input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits_per_image)
   with torch.no_grad():
     out = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
     # The towers alone: transformers 5 overwrites CLIPModel's tower pooler_output
@@ -394,7 +598,7 @@ def _clip_case(torch, T, tmp_path):
 def test_clip_text_parity(torch_hf, tmp_path):
   torch, T = torch_hf
   path, ids, _, out, real = _clip_case(torch, T, tmp_path)
-  tower, params = hf.load_clip_text(path)
+  tower, params = hf.load_clip_text(path["hub"])
   emb, aux = run(tower, params, jnp.asarray(ids, jnp.int32))
   t = out.text_raw
   errs = {}
@@ -409,7 +613,7 @@ def test_clip_parity(torch_hf, tmp_path):
   from datong.multimodal.contrastive import softmax_contrastive_loss
   torch, T = torch_hf
   path, ids, pixels, out, real = _clip_case(torch, T, tmp_path)
-  model, params = hf.load(path)
+  model, params = _load_every_spelling(path)
   img, txt, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
                               jnp.asarray(ids, jnp.int32))
   errs = {}
@@ -423,3 +627,177 @@ def test_clip_parity(torch_hf, tmp_path):
   loss, _ = softmax_contrastive_loss(img, txt, aux["scale"])
   check("loss", loss, _np(out.loss), errs)
   print("clip", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+_CLIP_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                  bos_token_id=59, eos_token_id=60, pad_token_id=1, projection_dim=16)
+_CLIP_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, image_size=16, patch_size=4, projection_dim=16)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_clip_text_model_headless_parity(torch_hf, tmp_path, project):
+  """Every position matches: rows are full length (no padding: HF's padded
+  positions are a separate question), the EOS sits at different places."""
+  torch, T = torch_hf
+  cls = T.CLIPTextModelWithProjection if project else T.CLIPTextModel
+  ref = _randomize(torch, cls(T.CLIPTextConfig(**_CLIP_TEXT)))
+  rs = np.random.RandomState(9)
+  ids = rs.randint(2, 59, (3, 12))
+  ids[:, 0] = 59
+  for row, eos in enumerate([11, 5, 8]):
+    ids[row, eos] = 60
+  paths = _spellings(torch, ref, tmp_path, "clip_text",
+                     lambda m: m(input_ids=torch.tensor(ids)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == "TextTower" and model.project == project
+  emb, aux = run(model, params, jnp.asarray(ids, jnp.int32), return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["encoded"], _np(out.last_hidden_state), errs)
+  _check_hidden_states("clip text", aux, out.hidden_states, errs)
+  if project:
+    check("text_embeds", aux["projected"], _np(out.text_embeds), errs)
+  else:
+    check("pooler_output", emb, _np(out.pooler_output), errs)
+  print(cls.__name__, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_clip_vision_model_headless_parity(torch_hf, tmp_path, project):
+  torch, T = torch_hf
+  cls = T.CLIPVisionModelWithProjection if project else T.CLIPVisionModel
+  ref = _randomize(torch, cls(T.CLIPVisionConfig(**_CLIP_VISION)))
+  pixels = np.random.RandomState(10).randn(2, 3, 16, 16).astype(np.float32)
+  paths = _spellings(torch, ref, tmp_path, "clip_vision",
+                     lambda m: m(pixel_values=torch.tensor(pixels)).last_hidden_state)
+  with torch.no_grad():
+    out = ref(pixel_values=torch.tensor(pixels), output_hidden_states=True)
+  model, params = _load_every_spelling(paths)
+  assert type(model).__name__ == ("ImageClassifier" if project else "ViTEncoder")
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  out_ours, aux = run(model, params, images, return_layers=True)
+  errs = {}
+  check("last_hidden_state", aux["pre_norm"], _np(out.last_hidden_state), errs)
+  _check_hidden_states("clip vision", aux, out.hidden_states, errs)
+  if project:
+    check("image_embeds", out_ours, _np(out.image_embeds), errs)
+  else:
+    check("pooler_output", out_ours, _np(out.pooler_output), errs)
+  print(cls.__name__, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+# -------------------------------------------------------------- exporters ---
+
+def _exported_in_hub_spelling(torch, T, path, family, arch):
+  """``path`` loads in transformers and its tensor names are the hub's: the
+  names transformers saves back for the loaded model, respelled as the hub
+  (4.x) spells them. Returns the loaded model."""
+  import re
+  from safetensors.numpy import load_file
+  ref, info = getattr(T, arch).from_pretrained(path, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  ref.save_pretrained(path + "_back")
+  rules = [] if family == "bert" else HUB_RENAMES[family]  # BERT: 4.x wrote weight / bias
+  back = set()
+  for k in load_file(path + "_back/model.safetensors"):
+    for pattern, repl in rules:
+      k = re.sub(pattern, repl, k)
+    back.add(k)
+  assert set(load_file(path + "/model.safetensors")) == back
+  return ref.eval()
+
+
+def _tiny_bert_config(nsp=False):
+  bb = TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_position="post",
+                         norm_eps=1e-12, activation="gelu")
+  return TextConfig(backbone=bb, vocab_size=61, positions="learned", max_length=16,
+                    type_vocab_size=2, nsp=nsp)
+
+
+@pytest.mark.parametrize("kind", ["BertForMaskedLM", "BertForPreTraining", "BertModel"])
+def test_bert_export_parity(torch_hf, tmp_path, kind):
+  from datong.unimodal.text import BERT, TextEncoder
+  torch, T = torch_hf
+  cfg = _tiny_bert_config(nsp=kind == "BertForPreTraining")
+  model = TextEncoder(cfg, pooler=True) if kind == "BertModel" else BERT(cfg)
+  params = _random_params(model, jnp.zeros((1, 4), jnp.int32))
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "bert", kind)
+  rs = np.random.RandomState(11)
+  ids = rs.randint(0, 61, (2, 10))
+  types = (np.arange(10)[None] >= 6).astype(np.int64).repeat(2, 0)
+  with torch.no_grad():
+    out = ref(torch.tensor(ids), token_type_ids=torch.tensor(types), output_hidden_states=True)
+  y, aux = run(model, params, jnp.asarray(ids, jnp.int32),
+               token_types=jnp.asarray(types, jnp.int32), return_layers=True)
+  errs = {}
+  _check_hidden_states("bert", aux, out.hidden_states, errs)
+  if kind == "BertModel":
+    check("last_hidden_state", y, _np(out.last_hidden_state), errs)
+    check("pooler_output", aux["pooled"], _np(out.pooler_output), errs)
+  elif kind == "BertForMaskedLM":
+    check("logits", y, _np(out.logits), errs)
+  else:
+    check("prediction_logits", y, _np(out.prediction_logits), errs)
+    check("seq_relationship_logits", aux["nsp_logits"], _np(out.seq_relationship_logits), errs)
+  print(f"{kind} export", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_vit_mae_export_parity(torch_hf, tmp_path):
+  from datong.unimodal.masked_image import MAE, MAEConfig
+  torch, T = torch_hf
+  enc = ViTConfig(TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_eps=1e-6),
+                  image_size=(16, 16), patch_size=(4, 4))
+  dec = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, norm_eps=1e-6)
+  model = MAE(MAEConfig(enc, dec, mask_ratio=0.75, norm_pix_loss=False))
+  m = hf.mae_masking(jnp.zeros((1, 16)), 0.75)
+  params = _random_params(model, jnp.zeros((1, 16, 16, 3)), m.keep_indices, m.restore_indices)
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "vit_mae", "ViTMAEForPreTraining")
+  rs = np.random.RandomState(12)
+  pixels = rs.randn(2, 3, 16, 16).astype(np.float32)
+  noise = rs.rand(2, 16).astype(np.float32)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels), noise=torch.tensor(noise))
+  masking = hf.mae_masking(noise, 0.75)
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  pred, _ = run(model, params, images, masking.keep_indices, masking.restore_indices)
+  loss, _ = mae_loss(pred, images, masking.mask, (4, 4), norm_pix=False)
+  errs = {}
+  check("logits", pred, _np(out.logits), errs)
+  check("loss", loss, _np(out.loss), errs)
+  print("vit-mae export", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_clip_export_parity(torch_hf, tmp_path):
+  from datong.multimodal.clip import CLIP, ClipConfig
+  torch, T = torch_hf
+  vit = ViTConfig(TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64, norm_eps=1e-5,
+                                    activation="quick_gelu"),
+                  image_size=(16, 16), patch_size=(4, 4), pre_norm=True)
+  text = TextConfig(backbone=TransformerConfig(width=32, depth=2, heads=4, mlp_dim=64,
+                                               norm_eps=1e-5, activation="quick_gelu"),
+                    vocab_size=61, positions="learned", max_length=16, tie_embeddings=False)
+  model = CLIP(ClipConfig(image=vit, text=text, embed_dim=16, max_scale=None), pad_id=1,
+               eos_id=60)
+  params = _random_params(model, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16), jnp.int32))
+  params["image"]["encoder"]["stem"]["projection"]["bias"] = np.zeros(32, np.float32)
+  path = hf.save(model, params, str(tmp_path / "out"))
+  ref = _exported_in_hub_spelling(torch, T, path, "clip", "CLIPModel")
+  rs = np.random.RandomState(13)
+  ids = rs.randint(2, 59, (3, 12))
+  for row, eos in enumerate([11, 5, 8]):
+    ids[row, eos] = 60
+  pixels = rs.randn(3, 3, 16, 16).astype(np.float32)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), return_loss=True)
+  img, txt, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                      jnp.asarray(ids, jnp.int32))
+  errs = {}
+  check("image_embeds", img, _np(out.image_embeds), errs)
+  check("text_embeds", txt, _np(out.text_embeds), errs)
+  check("logits_per_image", aux["scale"] * img @ txt.T, _np(out.logits_per_image), errs)
+  print("clip export", {k: f"{v:.2e}" for k, v in errs.items()})

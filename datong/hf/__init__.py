@@ -14,20 +14,36 @@ module per family:
 * ``gpt2``: ``GPT2LMHeadModel``, ``GPT2Model`` -> ``GPT`` (learned positions,
   pre-LN, tied or untied head);
 * ``bert``: ``BertForMaskedLM`` -> ``BERT``; ``BertForPreTraining`` -> ``BERT``
-  with ``nsp=True`` (pooler + next-sentence head);
+  with ``nsp=True`` (pooler + next-sentence head); ``BertModel`` ->
+  ``TextEncoder`` (with its pooler);
 * ``vit``: ``ViTForImageClassification`` -> ``ViTClassifier`` (images NHWC:
-  transpose HF's NCHW pixel values);
+  transpose HF's NCHW pixel values); ``ViTModel`` -> ``ViTEncoder`` (with
+  its pooler: ``ViTConfig.pooler``);
 * ``vit_mae``: ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise,
   ratio)`` reproduces HF's masking from its explicit ``noise``;
 * ``clip``: ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit
-  scale); ``load_clip_text`` loads the text tower alone.
+  scale); ``CLIPTextModel(WithProjection)`` -> ``TextTower``,
+  ``CLIPVisionModel`` -> ``ViTEncoder``, ``CLIPVisionModelWithProjection`` ->
+  ``ImageClassifier`` (see ``hf.clip``); ``load_clip_text`` loads
+  ``CLIPModel``'s text tower alone.
+
+Every spelling of a checkpoint is read: the hub's (transformers 4.x names,
+old ``LayerNorm.gamma`` / ``beta``, buffers such as ``position_ids``), what
+transformers 5.x ``save_pretrained`` writes, and 5.x ``model.state_dict()``
+saved with ``safetensors.torch.save_file`` (its new module names, e.g.
+``vit.layers.{i}.attention.q_proj``); each family maps them to the hub's.
+Models return HF's ``hidden_states`` as ``aux["embedded"]`` followed by
+``aux["layers"]`` (``return_layers=True``).
 
 Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not
 use are an error too, so nothing is dropped silently.
 
-``save(model, params, path)`` writes the HF format back (``GPT`` ->
-``GPT2LMHeadModel``, ``ViTClassifier`` -> ``ViTForImageClassification``), so
+``save(model, params, path)`` writes the HF format back in the hub's
+spelling (``GPT`` -> ``GPT2LMHeadModel``, ``ViTClassifier`` ->
+``ViTForImageClassification``, ``BERT`` -> ``BertForMaskedLM`` /
+``BertForPreTraining``, ``TextEncoder`` -> ``BertModel``, ``MAE`` ->
+``ViTMAEForPreTraining``, ``CLIP`` -> ``CLIPModel``), so
 ``transformers.AutoModel*.from_pretrained(path)`` loads a Datong-trained model.
 
 Each family module has ``ARCHITECTURES``, ``load(config, state,
@@ -118,8 +134,12 @@ def save(model: nn.Module, params, path: str) -> str:
   ``model.safetensors``) loadable by ``transformers``' ``from_pretrained``.
 
   Supported: ``GPT`` (-> ``GPT2LMHeadModel``), ``ViTClassifier`` (->
-  ``ViTForImageClassification``). ``params`` may be boxed, scanned, or
-  wrapped in ``{"params": ...}``. Weights are written as float32.
+  ``ViTForImageClassification``), ``BERT`` (-> ``BertForMaskedLM``, or
+  ``BertForPreTraining`` with ``nsp``), ``TextEncoder`` (-> ``BertModel``),
+  ``MAE`` (-> ``ViTMAEForPreTraining``), ``CLIP`` (-> ``CLIPModel``).
+  Tensor names are the hub's (transformers 4.x). ``params`` may be boxed,
+  scanned, or wrapped in ``{"params": ...}``. Weights are written as float32.
+  A setting HF cannot express raises ``UnsupportedError`` naming it.
   """
   params = nn.unbox(params)
   if isinstance(params, Mapping) and set(params) == {"params"}:

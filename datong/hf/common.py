@@ -11,6 +11,7 @@ to this layout and the block code below does the rest.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -39,6 +40,26 @@ class State:
       k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
       self.tensors[k] = np.asarray(v)
     self.used: set[str] = set()
+
+  def respell(self, rules) -> "State":
+    """Rewrite every key by ``rules`` (``(regex, replacement)`` pairs, in order).
+
+    Families map each spelling a user meets (the hub's transformers 4.x
+    names, 5.x ``save_pretrained``, 5.x ``state_dict()``) to one, so the
+    conversion code reads a single spelling. Two tensors that end up with
+    one name are an error rather than one silently winning.
+    """
+    out = {}
+    for k, v in self.tensors.items():
+      new = k
+      for pattern, repl in rules:
+        new = re.sub(pattern, repl, new)
+      if new in out:
+        raise UnsupportedError(f"{self.arch}: two checkpoint tensors both mean {new!r} "
+                               f"(one is {k!r}); the file mixes two spellings.")
+      out[new] = v
+    self.tensors = out
+    return self
 
   def has(self, key):
     return key in self.tensors

@@ -1,4 +1,4 @@
-"""ViT-MAE (``ViTMAEForPreTraining``) -> Datong ``MAE``.
+"""ViT-MAE (``ViTMAEForPreTraining``) <-> Datong ``MAE``.
 
 The encoder is a ViT (shared with ``vit.py``); the fixed sin-cos tables HF
 stores are loaded as (learned) tables, which reproduces them exactly.
@@ -13,12 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong.backbone import TransformerConfig
-from datong.hf.common import State, UnsupportedError, backbone_params, finish, take_block
+from datong.hf.common import (State, UnsupportedError, backbone_export_problems, backbone_params,
+                              block_from_datong, finish, layers_of, put_block, take_block)
 from datong.hf.safetensors import read_checkpoint
-from datong.hf.vit import LAYER, vit_config, vit_encoder_params
+from datong.hf.vit import (LAYER, RESPELL, encoder_config_json, encoder_export_problems,
+                           encoder_state, vit_config, vit_encoder_params)
+from datong.ops.posemb import sincos_2d
 from datong.unimodal.masked_image import MAE, MAEConfig, Masking
 
 ARCHITECTURES = ("ViTMAEForPreTraining",)
+EXPORTS = (MAE,)
+
+# The hub (transformers 4.x) names decoder blocks ``decoder.decoder_layers.{i}``
+# with ViT's layer names; 5.x ``save_pretrained`` writes
+# ``decoder.decoder_encoder.layer.{i}``, 5.x ``state_dict()`` ViT's 5.x names.
+RESPELL_MAE = ((r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),) + RESPELL
 
 
 def mae_masking(noise, mask_ratio: float) -> Masking:
@@ -52,6 +61,7 @@ def vit_mae_config(config: Mapping, **backbone_overrides) -> MAEConfig:
 
 def load(config: Mapping, state: State, **backbone_overrides):
   """``(MAE, params)`` from a ViT-MAE ``config.json`` dict and its tensors."""
+  state.respell(RESPELL_MAE)
   cfg = vit_mae_config(config, **backbone_overrides)
   model = MAE(cfg)
   dec = cfg.decoder
@@ -61,7 +71,7 @@ def load(config: Mapping, state: State, **backbone_overrides):
     raise UnsupportedError("ViTMAE: decoder_pos_embed has a nonzero [CLS] row; Datong's MAE "
                            "decoder adds positions to patch tokens only.")
   zero_qkv_bias = not config.get("qkv_bias", True)
-  layers = [take_block(state, f"decoder.decoder_encoder.layer.{i}.", LAYER, dec,
+  layers = [take_block(state, f"decoder.decoder_layers.{i}.", LAYER, dec,
                        zero_qkv_bias=zero_qkv_bias)
             for i in range(dec.depth)]
   params = {
@@ -87,3 +97,45 @@ def load_vit_mae(path: str, **backbone_overrides):
   """
   config, tensors = read_checkpoint(path)
   return load(config, State(tensors, "ViTMAEForPreTraining"), **backbone_overrides)
+
+
+def export(model: MAE, params) -> tuple[dict, dict]:
+  """``(config.json dict, state dict)`` of ``ViTMAEForPreTraining``, hub spelling."""
+  cfg = model.config
+  enc, dec = cfg.encoder, cfg.decoder
+  problems = encoder_export_problems(enc)
+  problems += [f"decoder {p}" for p in backbone_export_problems(dec, norm_position="pre")]
+  # HF's MAE config has one activation and one norm epsilon for both stacks.
+  if dec.activation != enc.backbone.activation:
+    problems.append(f"MAEConfig.decoder.activation={dec.activation!r} differs from the "
+                    f"encoder's {enc.backbone.activation!r}")
+  if dec.norm_eps != enc.backbone.norm_eps:
+    problems.append(f"MAEConfig.decoder.norm_eps={dec.norm_eps} differs from the encoder's "
+                    f"{enc.backbone.norm_eps}")
+  if problems:
+    raise UnsupportedError("ViT-MAE export: " + "; ".join(problems))
+  state = encoder_state(enc, params["encoder"], "vit.")
+  if cfg.decoder_posemb == "learned":
+    dpos = np.asarray(params["decoder_pos_embedding"])
+  else:
+    dpos = np.asarray(sincos_2d(enc.grid[0], enc.grid[1], dec.width))
+  # HF adds a decoder position to the [CLS] token too; Datong does not: row 0 is zero.
+  state["decoder.decoder_pos_embed"] = np.concatenate(
+      [np.zeros((1, dec.width), dpos.dtype), dpos])[None]
+  state["decoder.mask_token"] = np.asarray(params["mask_token"]).reshape(1, 1, dec.width)
+  state["decoder.decoder_embed.weight"] = np.asarray(params["decoder_projection"]["kernel"]).T
+  state["decoder.decoder_embed.bias"] = params["decoder_projection"]["bias"]
+  state["decoder.decoder_norm.weight"] = params["decoder"]["final_norm"]["norm"]["scale"]
+  state["decoder.decoder_norm.bias"] = params["decoder"]["final_norm"]["norm"]["bias"]
+  state["decoder.decoder_pred.weight"] = np.asarray(params["pixel_head"]["kernel"]).T
+  state["decoder.decoder_pred.bias"] = params["pixel_head"]["bias"]
+  for i, layer in enumerate(layers_of(params["decoder"], dec)):
+    put_block(state, block_from_datong(layer, dec), f"decoder.decoder_layers.{i}.", LAYER)
+  config = {
+      "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
+      **encoder_config_json(enc),
+      "decoder_hidden_size": dec.width, "decoder_num_hidden_layers": dec.depth,
+      "decoder_num_attention_heads": dec.heads, "decoder_intermediate_size": dec.mlp_dim,
+      "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss,
+  }
+  return config, state

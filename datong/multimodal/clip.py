@@ -63,7 +63,8 @@ class ClipConfig:
   """Two towers and their shared embedding space.
 
   ``image``: an image-encoder config (``ViTConfig``: its ``pool`` decides
-  [CLS] vs mean pooling; or any other that meets the protocol).
+  [CLS] vs mean pooling; or any other that meets the protocol); None
+  describes a text tower alone (``TextTower``; e.g. HF's ``CLIPTextModel``).
   ``text``: vocabulary, positions (``learned``, ``rope`` or ``none``),
   ``max_length`` (the tokenized length) and the text backbone.
   ``text_pool``: ``eos`` (CLIP: the EOS token's output; use with
@@ -73,7 +74,7 @@ class ClipConfig:
   ``loss``: ``softmax`` (CLIP) or ``sigmoid`` (SigLIP); sets the defaults of
   the logit scale (1/0.07 resp. 10, clipped at ``max_scale``) and bias (-10).
   """
-  image: Any  # an image-encoder config (datong.unimodal.encoders)
+  image: Any  # an image-encoder config (datong.unimodal.encoders); None: text tower alone
   text: TextConfig
   embed_dim: int = 64
   text_pool: str = "eos"
@@ -88,7 +89,8 @@ class ClipConfig:
   def __post_init__(self):
     def bad(field, why):
       raise ValueError(f"ClipConfig.{field}={getattr(self, field)!r}: {why}")
-    check_image_encoder(self.image, "ClipConfig.image")
+    if self.image is not None:
+      check_image_encoder(self.image, "ClipConfig.image")
     if self.text_pool not in TEXT_POOLS:
       bad("text_pool", f"choose one of {TEXT_POOLS}")
     if self.loss not in LOSSES:
@@ -98,7 +100,7 @@ class ClipConfig:
     if self.text.max_length <= 0:
       raise ValueError(f"ClipConfig.text.max_length={self.text.max_length}: the captions' "
                        "tokenized length must be positive.")
-    if self.share_backbone and not hasattr(self.image, "backbone"):
+    if self.share_backbone and (self.image is None or not hasattr(self.image, "backbone")):
       bad("share_backbone", f"the image encoder {type(self.image).__name__} has no single "
           "backbone to share")
     if self.share_backbone and self.text.positions == "rope":
@@ -148,7 +150,7 @@ class ImageTower(nn.Module):
     pooled, aux = encoder(images, train=train)
     z = _head(cfg.embed_dim, cfg.head_bias, head_param_dtype(cfg.image), "head")(
         pooled.astype(jnp.float32))
-    return contrastive.l2_normalize(z), aux
+    return contrastive.l2_normalize(z), {**aux, "projected": z}
 
 
 def text_pool(hidden, ids, *, pool: str, eos_id: int, pad_id: int):
@@ -171,25 +173,35 @@ class TextTower(nn.Module):
   """Token ids ``[batch, length]`` -> ``(embeddings [batch, embed_dim], aux)``.
 
   Padding (``pad_id``) gets its own segment, so real tokens never attend to
-  it; with ``text_causal`` each token sees only earlier ones.
+  it; with ``text_causal`` each token sees only earlier ones. ``aux``:
+  ``embedded`` (backbone input), ``encoded`` (its output), ``pooled``,
+  ``projected`` (the head's output before normalization) and, with
+  ``return_layers``, ``layers`` (every block's output). ``project=False``:
+  no head; the tower returns ``pooled`` ``[batch, width]`` (HF's
+  ``CLIPTextModel``).
   """
   config: ClipConfig
   pad_id: int
   eos_id: int
   backbone: Optional[nn.Module] = None
+  project: bool = True
 
   @nn.compact
-  def __call__(self, ids, *, train: bool = False):
+  def __call__(self, ids, *, train: bool = False, return_layers: bool = False):
     cfg = self.config
     tc = cfg.text
     bb = cfg.text_backbone
     x = token_embedding(tc, bb, name="stem")(ids)
     segment_ids = (ids != self.pad_id).astype(jnp.int32)
     backbone = self.backbone if self.backbone is not None else Transformer(bb, name="backbone")
-    hidden, aux = backbone(x, causal=cfg.text_causal, segment_ids=segment_ids, train=train)
+    hidden, aux = backbone(x, causal=cfg.text_causal, segment_ids=segment_ids, train=train,
+                           return_layers=return_layers)
     pooled = text_pool(hidden, ids, pool=cfg.text_pool, eos_id=self.eos_id, pad_id=self.pad_id)
+    aux = {**aux, "embedded": x, "encoded": hidden, "pooled": pooled}
+    if not self.project:
+      return pooled, aux
     z = _head(cfg.embed_dim, cfg.head_bias, bb.params_dtype, "head")(pooled.astype(jnp.float32))
-    return contrastive.l2_normalize(z), {**aux, "encoded": hidden, "pooled": pooled}
+    return contrastive.l2_normalize(z), {**aux, "projected": z}
 
 
 class CLIP(nn.Module):
@@ -206,6 +218,9 @@ class CLIP(nn.Module):
 
   def setup(self):
     cfg = self.config
+    if cfg.image is None:
+      raise ValueError("ClipConfig.image=None describes a text tower alone: build "
+                       "TextTower(config, pad_id=..., eos_id=...), not CLIP.")
     shared = None
     if cfg.share_backbone:
       self.backbone = Transformer(cfg.image.backbone)

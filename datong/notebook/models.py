@@ -79,7 +79,7 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
   """A Datong model (a flax module) of ``kind`` from a preset and overrides.
 
   Args:
-    kind: one of ``KINDS`` (gpt, bert, vit, vit_encoder, mae, simmim, clip).
+    kind: one of ``KINDS`` (gpt, bert, vit, vit_encoder, mae, simmim, clip, text_encoder).
     preset: a backbone size from ``datong.PRESETS`` ("tiny", "vit-B",
       "gpt2-small", ...) used for every backbone of the model, or a recipe
       name ("mae-digits", "clip-digits", ...) whose model config is taken.

@@ -41,7 +41,7 @@ from datong.ops.losses import classification_loss, cross_entropy
 from datong.unimodal.tokenizers import ByteTokenizer
 
 __all__ = [
-    "BERT", "GPT", "SequenceClassifier", "TextConfig", "TokenEmbedding", "causal_lm_loss",
+    "BERT", "GPT", "SequenceClassifier", "TextConfig", "TextEncoder", "TokenEmbedding", "causal_lm_loss",
     "classification_loss", "cross_entropy", "mlm_loss", "mlm_mask", "token_embedding",
 ]
 
@@ -171,7 +171,7 @@ class _Encoder(nn.Module):
     self.backbone = Transformer(cfg.resolved_backbone)
 
   def __call__(self, ids, *, causal, segment_ids=None, positions=None, token_types=None,
-               mask=None, cache=None, cache_index=None, train=False):
+               mask=None, cache=None, cache_index=None, train=False, return_layers=False):
     cfg = self.config
     if positions is None:
       positions = _default_positions(ids, segment_ids, cache_index)
@@ -181,9 +181,44 @@ class _Encoder(nn.Module):
       x = x + self.type_embed(types)
     if cfg.backbone.norm_position == "post":
       x = self.embed_norm(x)
-    return self.backbone(x, causal=causal, segment_ids=segment_ids, mask=mask,
-                         positions=positions if cfg.positions == "rope" else None,
-                         cache=cache, cache_index=cache_index, train=train)
+    hidden, aux = self.backbone(x, causal=causal, segment_ids=segment_ids, mask=mask,
+                                positions=positions if cfg.positions == "rope" else None,
+                                cache=cache, cache_index=cache_index, train=train,
+                                return_layers=return_layers)
+    return hidden, {**aux, "embedded": x}
+
+
+class TextEncoder(nn.Module):
+  """A text model without its head: ``(ids) -> (hidden [batch, length, width], aux)``.
+
+  The stem + backbone every text model shares (params under ``encoder``, so
+  GPT / BERT checkpoints load by name). ``pooler=True`` adds BERT's pooler:
+  ``aux["pooled"] = tanh(dense(hidden[:, 0]))`` ``[batch, width]`` (params
+  ``pooler``, as in ``BERT``). ``aux["embedded"]`` is the backbone's input;
+  with ``return_layers`` ``aux["layers"]`` holds every block's output
+  ``[depth, batch, length, width]``.
+  """
+  config: TextConfig
+  causal: bool = False
+  pooler: bool = False
+
+  @nn.compact
+  def __call__(self, ids, *, segment_ids=None, positions=None, token_types=None,
+               train: bool = False, return_layers: bool = False):
+    cfg = self.config
+    bb = cfg.backbone
+    hidden, aux = _Encoder(cfg, name="encoder")(
+        ids, causal=self.causal, segment_ids=segment_ids, positions=positions,
+        token_types=token_types, train=train, return_layers=return_layers)
+    aux["hidden"] = hidden
+    if self.pooler:
+      dense = nn.Dense(bb.width, dtype=bb.dtype, param_dtype=bb.param_dtype,
+                       kernel_init=nn.with_logical_partitioning(
+                           nn.initializers.normal(cfg.embed_init_std), ("embed", "mlp")),
+                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                       name="pooler")
+      aux["pooled"] = jnp.tanh(dense(hidden[:, 0]))
+    return hidden, aux
 
 
 # --------------------------------------------------------------------- GPT --
@@ -195,7 +230,9 @@ class GPT(nn.Module):
   segment). For decoding pass ``cache`` / ``cache_index`` (see
   ``init_cache``) and optionally a boolean key ``mask`` ``[batch, 1, 1,
   cache_length]``; ``aux["cache"]`` is the updated cache. ``aux["hidden"]``
-  is the final hidden state. Logits are float32.
+  is the final hidden state, ``aux["embedded"]`` the backbone's input and,
+  with ``return_layers``, ``aux["layers"]`` every block's output. Logits are
+  float32.
   """
   config: TextConfig
 
@@ -209,9 +246,10 @@ class GPT(nn.Module):
               nn.initializers.normal(self.config.embed_init_std), ("embed", "vocab")))
 
   def __call__(self, ids, *, segment_ids=None, positions=None, mask=None, cache=None,
-               cache_index=None, train: bool = False):
+               cache_index=None, train: bool = False, return_layers: bool = False):
     hidden, aux = self.encoder(ids, causal=True, segment_ids=segment_ids, positions=positions,
-                               mask=mask, cache=cache, cache_index=cache_index, train=train)
+                               mask=mask, cache=cache, cache_index=cache_index, train=train,
+                               return_layers=return_layers)
     if self.config.tie_embeddings:
       logits = self.encoder.embed.attend(hidden)
     else:
@@ -257,7 +295,9 @@ class BERT(nn.Module):
 
   MLM head: dense + gelu + norm, then the tied token table and a bias (as
   BERT). ``aux["nsp_logits"]`` ``[batch, 2]`` (is-next = 1) when
-  ``config.nsp``; ``aux["hidden"]`` the final hidden state.
+  ``config.nsp``; ``aux["hidden"]`` the final hidden state, ``aux["embedded"]``
+  the backbone's input and, with ``return_layers``, ``aux["layers"]`` every
+  block's output ``[depth, batch, length, width]``.
   """
   config: TextConfig
 
@@ -288,10 +328,10 @@ class BERT(nn.Module):
                                    nn.initializers.normal(cfg.embed_init_std), ("mlp", None)))
 
   def __call__(self, ids, *, segment_ids=None, positions=None, token_types=None,
-               train: bool = False):
+               train: bool = False, return_layers: bool = False):
     cfg = self.config
     hidden, aux = self.encoder(ids, causal=False, segment_ids=segment_ids, positions=positions,
-                               token_types=token_types, train=train)
+                               token_types=token_types, train=train, return_layers=return_layers)
     h = self.mlm_norm(nn.gelu(self.mlm_dense(hidden), approximate=False))
     logits = self.encoder.embed.attend(h) if cfg.tie_embeddings else self.head(h)
     logits = logits.astype(jnp.float32) + self.mlm_bias.astype(jnp.float32)

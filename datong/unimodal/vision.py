@@ -57,6 +57,7 @@ class ViTConfig:
   posemb: str = "learned"  # learned | sincos (fixed 2-D) | none
   mask_token: bool = False  # a learned token replacing masked patches (SimMIM)
   pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's ViT)
+  pooler: bool = False  # dense + tanh on the pooled token (HF ViTModel's / BERT's pooler)
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", pair(self.image_size))
@@ -200,7 +201,8 @@ class ViTEncoder(nn.Module):
       only (MAE's encoder); the sequence length becomes ``n_keep`` (+1 CLS).
     train: dropout / stochastic depth (needs a "dropout" rng when enabled).
 
-  Returns ``pooled [batch, width]`` and ``aux`` with ``embedded`` (backbone
+  Returns ``pooled [batch, width]`` (through ``pooler``'s dense + tanh when
+  ``config.pooler``) and ``aux`` with ``embedded`` (backbone
   input, CLS first if any), ``encoded`` (backbone output, all positions),
   ``patch_tokens`` (backbone output without CLS), ``pooled``, ``pre_norm``
   and, with ``return_layers``, ``layers`` ``[depth, batch, length, width]``.
@@ -238,6 +240,13 @@ class ViTEncoder(nn.Module):
     hidden, baux = backbone(x, train=train, return_layers=return_layers)
     patch_tokens = hidden[:, prefix:]
     pooled = hidden[:, 0] if cfg.pool == "cls" else jnp.mean(patch_tokens, axis=1)
+    if cfg.pooler:
+      pooled = jnp.tanh(nn.Dense(
+          bb.width, dtype=bb.compute_dtype, param_dtype=bb.params_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                   ("embed", "mlp")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+          name="pooler")(pooled))
     aux = {"embedded": x, "encoded": hidden, "patch_tokens": patch_tokens,
            "pooled": pooled, **baux}
     return pooled, aux
