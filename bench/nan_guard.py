@@ -116,6 +116,7 @@ def configs():
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--time", type=int, nargs=2, metavar=("STEPS", "ROUNDS"), default=None)
+  parser.add_argument("--models", nargs="+", default=["vit", "gpt"], choices=("vit", "gpt"))
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}; "
         f"load {os.getloadavg()[0]:.2f}")
@@ -123,6 +124,8 @@ def main(argv=None):
         "alias MB | temp MB |" + (" ms/step (median) | vs select |" if args.time else ""))
   print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if args.time else ""))
   for model, cfg in configs().items():
+    if model.split()[0].split("-")[0] not in args.models:
+      continue
     rows, runners = {}, {}
     for version, cls in VERSIONS.items():
       trainer = cls(cfg, tempfile.mkdtemp())
