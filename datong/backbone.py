@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from datong.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from datong.ops.attention import attention as attention_op
 from datong.ops.attention import attention_weights
+from datong.ops import linear as ops_linear
 from datong.ops import masks as mask_ops
 from datong.ops import posemb
 
@@ -227,8 +228,10 @@ class Projection(nn.Module):
     init = _kernel_init(cfg, in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
     kernel = self.param("kernel", _partitioned(init, self.names), shape, cfg.params_dtype)
     x = x.astype(cfg.compute_dtype)
-    y = jnp.tensordot(x, kernel.astype(cfg.compute_dtype),
-                      axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+    # The 2-D matmul backward (CPU) hides the dots from the dot-saving remat
+    # policies, so it is used only where no policy looks for them.
+    y = ops_linear.dense(x, kernel.astype(cfg.compute_dtype), n_in,
+                         matmul_grad=None if cfg.remat in ("none", "full") else False)
     if cfg.use_bias:
       bias = self.param("bias", _partitioned(nn.initializers.zeros, self.names[n_in:]),
                         tuple(self.features), cfg.params_dtype)
@@ -323,12 +326,8 @@ class Mlp(nn.Module):
     cfg = self.config
 
     def dense(name, features, axes, inputs):
-      return nn.Dense(
-          features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-          param_dtype=cfg.params_dtype,
-          kernel_init=_partitioned(_kernel_init(cfg), axes),
-          bias_init=_partitioned(nn.initializers.zeros, axes[-1:]),
-          name=name)(inputs)
+      # Parameters as nn.Dense's (kernel [in, out], bias [out], same init).
+      return Projection(cfg, (features,), axes, name=name)(inputs)
 
     if cfg.activation in ("swiglu", "geglu"):
       gate = dense("wi_gate", cfg.mlp_dim, ("embed", "mlp"), x)

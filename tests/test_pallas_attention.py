@@ -106,6 +106,7 @@ GPU_CASES = [
     (1, 257, 257, 2, 2, 16, True, False, jnp.float32, SMALL_GPU),
     (1, 128, 257, 4, 2, 16, False, True, jnp.float32, None),
     (1, 257, 128, 2, 1, 16, False, False, jnp.float32, SMALL_GPU),
+    (1, 40, 100, 2, 1, 16, False, False, jnp.float32, SMALL_GPU),  # padded keys, no mask else
     (1, 257, 17, 2, 2, 16, True, True, jnp.float32, SMALL_GPU),
     (1, 17, 128, 2, 1, 16, True, False, jnp.float32, SMALL_GPU),
     (1, 33, 40, 2, 1, 40, True, True, jnp.float32, SMALL_GPU),  # head_dim padded to 64

@@ -169,13 +169,20 @@ class Trainer:
     rng = jax.random.fold_in(state.rng, state.step)
     loss, task_metrics, grads = self._grads(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves params and optimizer state untouched.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+
+    def apply(params, opt_state):
+      updates, opt_state = self.tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A non-finite step leaves params and optimizer state untouched. A cond,
+    # not a select of new vs old state: the select keeps the old donated state
+    # alive next to the new, so XLA copies it instead of updating in place
+    # (bench/nan_guard.py; BENCHMARKS.md "NaN guard").
+    params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o),
+                                     state.params, state.opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=state.rng)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/learning_rate": self.schedule(state.step),
                "train/nonfinite": 1 - finite.astype(jnp.int32)}

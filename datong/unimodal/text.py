@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from datong.backbone import Norm, Transformer, TransformerConfig
+from datong.ops import linear
 from datong.ops import masks as mask_ops
 from datong.ops.losses import classification_loss, cross_entropy
 from datong.unimodal.tokenizers import ByteTokenizer
@@ -127,7 +128,8 @@ class TokenEmbedding(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def attend(self, x):
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    """Logits ``x @ embedding.T`` (``ops.linear.dense``: a copy-free backward on CPU)."""
+    return linear.dense(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
 def token_embedding(cfg: TextConfig, backbone: Optional[TransformerConfig] = None,

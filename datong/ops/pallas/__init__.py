@@ -10,6 +10,11 @@ on (``with interpret_mode(True):`` or ``DATONG_PALLAS_INTERPRET=1``): then
 they run with Pallas' interpreter on any backend, which is how the CPU tests
 exercise them. The TPU kernel interprets with ``pltpu.InterpretParams()``
 (simulated TPU memory; slow, keep shapes tiny) where jax has it.
+
+Inside ``lowering_for("gpu" | "tpu")`` that platform's kernel serves calls on
+any backend, uninterpreted, so that a whole train step can be lowered ahead
+of time for the accelerator (``jax.export`` with ``platforms=``) on a CPU
+machine; ``tests/test_lowering.py`` does so.
 """
 
 from __future__ import annotations
@@ -21,16 +26,25 @@ import jax
 
 from datong.ops.pallas import gpu, tpu
 from datong.ops.pallas._common import (BlockSizes, capability_reason, check_inputs,
-                                       interpret_enabled, interpret_mode)
+                                       interpret_enabled, interpret_mode, lowering_for,
+                                       lowering_target)
 from datong.ops.pallas.sharding import ambient_mesh, logical_to_mesh_axes, sharded_attention
 
 __all__ = ["BlockSizes", "PLATFORMS", "attention", "interpret_enabled", "interpret_mode",
-           "logical_to_mesh_axes", "unsupported_reason"]
+           "logical_to_mesh_axes", "lowering_for", "lowering_target", "unsupported_reason"]
 
 PLATFORMS = ("gpu", "tpu")
 
 
 def _backend_reason(platform: str) -> Optional[str]:
+  target = lowering_target()
+  if target is not None:
+    if target != platform:
+      return (f"lowering for {target} (datong.ops.pallas.lowering_for); the pallas_{platform} "
+              "kernel is not lowered for it")
+    if platform == "gpu" and gpu._plgpu is None:  # pylint: disable=protected-access
+      return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
+    return None
   if interpret_enabled():
     return None
   backend = jax.default_backend()
@@ -88,7 +102,8 @@ def attention(platform, q, k, v, *, causal=False, q_segment_ids=None, kv_segment
   reason = capability_reason(q, k, v)
   if reason is not None:
     raise ValueError(f"pallas_{platform} cannot run this call: {reason}.")
-  interpret = interpret_enabled()
+  # Lowering for a target platform means the real kernels, never the interpreter.
+  interpret = interpret_enabled() and lowering_target() is None
   if platform == "gpu":
     kernel_fn = functools.partial(gpu.flash_attention, interpret=interpret)
   else:

@@ -54,6 +54,35 @@ def interpret_mode(enabled: bool = True) -> Iterator[None]:
     _state.interpret = previous
 
 
+def lowering_target() -> Optional[str]:
+  """The platform set by ``lowering_for``, or None."""
+  return getattr(_state, "target", None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: Optional[str]) -> Iterator[None]:
+  """Trace the kernels for ``platform`` ("gpu" or "tpu") whatever the backend.
+
+  For ahead-of-time lowering on another machine, e.g. on a CPU:
+
+      with lowering_for("tpu"):
+        exported = jax.export.export(jax.jit(step), platforms=("tpu",))(*args)
+
+  Inside, ``pallas_<platform>`` serves calls it supports with the real
+  (compiled, not interpreted) kernel although the default backend differs;
+  the other platform's kernel still falls back. Like ``interpret_mode`` it
+  is read at trace time. ``None`` turns it off.
+  """
+  if platform not in (None, "gpu", "tpu"):
+    raise ValueError(f"lowering_for({platform!r}): expected 'gpu', 'tpu' or None.")
+  previous = getattr(_state, "target", None)
+  _state.target = platform
+  try:
+    yield
+  finally:
+    _state.target = previous
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes along the sequence axes (rows of q, rows of k/v).

@@ -263,7 +263,9 @@ def _dkv_kernel(*refs, cfg: _Config, has_segments: bool):
   if has_segments:
     mid = n_q
   elif cfg.kv_len % bk:
-    mid = jnp.where(pad_in_block, n_q, mid)
+    # Not jnp.where: Triton's select lowering mistypes scalar int operands
+    # (i1 vs i32 at lowering time). mid <= n_q, so a max does the same.
+    mid = _imax(mid, pad_in_block.astype(jnp.int32) * n_q)
   zeros = jnp.zeros((bk, head_dim), jnp.float32)
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=True), (zeros, zeros))
   dk, dv = lax.fori_loop(mid, n_q, functools.partial(body, masked=False), carry)

@@ -71,6 +71,14 @@ class _Config:
   interpret: object  # False, True or pltpu.InterpretParams (hashable)
 
 
+def _head_group(h, groups: int):
+  """The kv head query head ``h`` reads. ``lax.div`` (truncating, equal to
+  floor for h >= 0) rather than ``//``: jnp's floor division emits a ``sign``
+  whose Mosaic lowering asks for the TPU generation, which fails when lowering
+  ahead of time on a machine without a TPU."""
+  return h if groups == 1 else lax.div(h, jnp.int32(groups))
+
+
 def _ceil_div(a, b: int):
   return lax.div(a + (b - 1), jnp.int32(b))
 
@@ -197,8 +205,8 @@ def _forward(cfg: _Config, q, k, v, q_ids, kv_ids):
 
   in_specs = [
       pl.BlockSpec((None, None, bq, d), lambda b, h, i, j: (b, h, i, 0)),
-      pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h // g, kv_block(i, j), 0)),
-      pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h // g, kv_block(i, j), 0)),
+      pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, _head_group(h, g), kv_block(i, j), 0)),
+      pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, _head_group(h, g), kv_block(i, j), 0)),
   ]
   args = [q, k, v]
   if has_segments:
@@ -320,7 +328,7 @@ def _backward(cfg: _Config, q, k, v, q_ids, kv_ids, o, lse, do):
 
   row_spec = lambda width: pl.BlockSpec(
       (None, None, bq, width), lambda b, h, j, i: (b, h, q_block(j, i), 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, j, i: (b, h // g, j, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, j, i: (b, _head_group(h, g), j, 0))
   in_specs = [row_spec(d), kv_spec, kv_spec, row_spec(d), row_spec(LANES), row_spec(LANES)]
   args = [q, k, v, do, lse, delta]
   if has_segments:
@@ -352,7 +360,7 @@ def _backward(cfg: _Config, q, k, v, q_ids, kv_ids, o, lse, do):
 
   row_spec = lambda width: pl.BlockSpec(
       (None, None, bq, width), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h // g, kv_block(i, j), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, _head_group(h, g), kv_block(i, j), 0))
   in_specs = [row_spec(d), kv_spec, kv_spec, row_spec(d), row_spec(LANES), row_spec(LANES)]
   args = [q, k, v, do, lse, delta]
   if has_segments:
