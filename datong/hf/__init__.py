@@ -20,20 +20,25 @@ module per family:
 * ``vit_mae``: ``ViTMAEForPreTraining`` -> ``MAE``; ``mae_masking(noise,
   ratio)`` reproduces HF's masking from its explicit ``noise``;
 * ``clip``: ``CLIPModel`` -> ``CLIP`` (both towers, projections, logit
-  scale); ``load_clip_text`` loads the text tower alone.
+  scale); ``load_clip_text`` loads the text tower alone;
+* ``swin``: ``SwinForImageClassification``, ``Swinv2ForImageClassification``
+  -> ``ImageClassifier(SwinConfig)``; ``SwinModel``, ``Swinv2Model`` ->
+  ``SwinEncoder`` (V2 with ``pretrained_window_sizes``).
 
 Anything else, and any config option Datong cannot reproduce exactly, raises
 ``UnsupportedError`` naming it; checkpoint tensors the conversion does not
 use are an error too, so nothing is dropped silently.
 
 ``save(model, params, path)`` writes the HF format back (``GPT`` ->
-``GPT2LMHeadModel``, ``ViTClassifier`` -> ``ViTForImageClassification``), so
+``GPT2LMHeadModel``, ``ViTClassifier`` -> ``ViTForImageClassification``, a
+classifier on a Swin -> ``Swin[v2]ForImageClassification``), so
 ``transformers.AutoModel*.from_pretrained(path)`` loads a Datong-trained model.
 
 Each family module has ``ARCHITECTURES``, ``load(config, state,
 **backbone_overrides) -> (model, params)`` and, where it exports,
-``EXPORTS`` (model classes) and ``export(model, params) -> (config, tensors)``;
-the tables below are built from them.
+``EXPORTS`` (model classes; with ``EXPORT_CONFIGS``, only for models whose
+``config`` is one of those classes) and ``export(model, params) -> (config,
+tensors)``; the tables below are built from them.
 
 Layout notes (why the conversion is not a plain rename):
 
@@ -62,7 +67,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from datong.hf import bert, clip, gpt2, vit, vit_mae
+from datong.hf import bert, clip, gpt2, swin, vit, vit_mae
 from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
@@ -85,10 +90,10 @@ __all__ = [
 
 # The one registry: HF architecture name -> family loader, Datong model class
 # -> family exporter (checked with isinstance, in this order).
-_FAMILIES = (gpt2, bert, vit, vit_mae, clip)
+_FAMILIES = (gpt2, bert, swin, vit, vit_mae, clip)
 _LOADERS = {arch: family.load for family in _FAMILIES for arch in family.ARCHITECTURES}
-_EXPORTERS = tuple((cls, family.export) for family in _FAMILIES
-                   for cls in getattr(family, "EXPORTS", ()))
+_EXPORTERS = tuple((cls, getattr(family, "EXPORT_CONFIGS", None), family.export)
+                   for family in _FAMILIES for cls in getattr(family, "EXPORTS", ()))
 SUPPORTED = tuple(_LOADERS)
 
 
@@ -118,16 +123,20 @@ def save(model: nn.Module, params, path: str) -> str:
   ``model.safetensors``) loadable by ``transformers``' ``from_pretrained``.
 
   Supported: ``GPT`` (-> ``GPT2LMHeadModel``), ``ViTClassifier`` (->
-  ``ViTForImageClassification``). ``params`` may be boxed, scanned, or
+  ``ViTForImageClassification``), a classifier on a ``SwinConfig`` (->
+  ``Swin[v2]ForImageClassification``). ``params`` may be boxed, scanned, or
   wrapped in ``{"params": ...}``. Weights are written as float32.
   """
   params = nn.unbox(params)
   if isinstance(params, Mapping) and set(params) == {"params"}:
     params = params["params"]
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  export = next((fn for cls, fn in _EXPORTERS if isinstance(model, cls)), None)
+  export = next((fn for cls, configs, fn in _EXPORTERS if isinstance(model, cls)
+                 and (configs is None or isinstance(getattr(model, "config", None), configs))),
+                None)
   if export is None:
-    names = ", ".join(cls.__name__ for cls, _ in _EXPORTERS)
+    names = ", ".join(cls.__name__ + (f" of {'/'.join(c.__name__ for c in configs)}" if configs else "")
+                      for cls, configs, _ in _EXPORTERS)
     raise UnsupportedError(f"save: no Hugging Face export for {type(model).__name__}; "
                            f"supported: {names}.")
   config, state = export(model, params)
