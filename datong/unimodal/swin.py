@@ -210,6 +210,39 @@ class SwinConfig:
                        "build the CLIP without share_backbone.")
     return SwinEncoder(self, name=name)
 
+  def layer_index(self, names: tuple[str, ...]) -> Optional[int]:
+    """Layer id of a parameter (by its path names) for layer-wise lr decay:
+    the stem 0, layer ``i`` of stage ``s`` ``sum(depths[:s]) + i + 1``, a
+    stage's merging that of its last layer; None: not an encoder layer
+    (the final norm and a head: ``depth + 1``)."""
+    for k, n in enumerate(names):
+      if n in ("patch_embedding", "stem_norm", "pos_embedding", "mask_token"):
+        return 0
+      if n.startswith("stage_") and n[6:].isdigit():
+        s = int(n[6:])
+        first = sum(self.depths[:s])
+        rest = names[k + 1] if k + 1 < len(names) else ""
+        if rest.startswith("layer_"):
+          return first + int(rest[6:]) + 1
+        return first + self.depths[s]
+    return None
+
+  def attention_map(self, weights, layer: int, image_size) -> np.ndarray:
+    """Where layer ``layer`` (global index) looks, per window: ``weights``
+    ``[b * windows, heads, m*m, m*m]`` (its sown probabilities) -> the
+    attention each position receives, averaged over the queries of its
+    window, on the image's token grid ``[b, heads, h, w]``, summing to 1."""
+    stage = int(np.searchsorted(np.cumsum(self.depths), layer, side="right"))
+    i = layer - sum(self.depths[:stage])
+    h, w = self.stage_grids(image_size)[stage]
+    window, shift = W.stage_window((h, w), self.window_size,
+                                   self.window_size // 2 if i % 2 else 0)
+    hp, wp = W.padded_size(h, window), W.padded_size(w, window)
+    received = np.asarray(weights).mean(axis=2).transpose(0, 2, 1)  # [b * windows, m*m, heads]
+    grid = np.roll(W.window_merge(received, window, (hp, wp)), (shift, shift), axis=(1, 2))
+    maps = grid[:, :h, :w].transpose(0, 3, 1, 2)
+    return maps / np.maximum(maps.sum(axis=(2, 3), keepdims=True), 1e-12)
+
   def flops_per_example(self) -> float:
     """Training FLOPs (3x forward) of one image: windowed layers (attention
     over ``window**2`` keys, padding not counted), patch stem and mergings."""
@@ -267,7 +300,8 @@ class SwinStage(nn.Module):
   """One stage: ``depth`` windowed blocks, then (``merge``) a patch merging.
 
   ``__call__(x [b, h, w, c], first_layer) -> (stage output [b, h, w, c],
-  merged [b, ceil(h/2), ceil(w/2), 2c] or None)``. Parameters:
+  merged [b, ceil(h/2), ceil(w/2), 2c] or None, every layer's output [b, h*w,
+  c])``. Parameters:
   ``layer_{i}`` (the shared ``Block``'s, with ``attention_bias`` from the
   position-bias hook) and the merging's ``reduction`` (``[4c, 2c]``, no bias)
   and ``norm``.
@@ -283,6 +317,7 @@ class SwinStage(nn.Module):
     bb = cfg.stage_backbone(self.stage)
     total = sum(cfg.depths)
     b, h, w, c = x.shape
+    layers = []
     for i in range(cfg.depths[self.stage]):
       window, shift = W.stage_window((h, w), cfg.window_size, cfg.window_size // 2 if i % 2 else 0)
       hp, wp = W.padded_size(h, window), W.padded_size(w, window)
@@ -315,8 +350,9 @@ class SwinStage(nn.Module):
       if shift:
         grid = jnp.roll(grid, (shift, shift), axis=(1, 2))
       x = grid[:, :h, :w]
+      layers.append(x.reshape(b, h * w, c))
     if not self.merge:
-      return x, None
+      return x, None, layers
     merged = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     # 2x2 neighbours concatenated as (0, 0), (1, 0), (0, 1), (1, 1): the reference order.
     merged = jnp.concatenate([merged[:, 0::2, 0::2], merged[:, 1::2, 0::2],
@@ -331,7 +367,7 @@ class SwinStage(nn.Module):
       merged = reduction(with_norm()(merged))
     else:
       merged = with_norm()(reduction(merged))
-    return x, merged
+    return x, merged, layers
 
 
 class SwinEncoder(nn.Module):
@@ -339,7 +375,9 @@ class SwinEncoder(nn.Module):
 
   Args of ``__call__``: ``images [b, h, w, c]`` (h, w divisible by the
   patch), ``mask`` ``[b, patches]`` bool (True: replace that patch by the
-  mask token; needs ``mask_token``), ``train`` (dropout / drop path).
+  mask token; needs ``mask_token``), ``train`` (dropout / drop path),
+  ``return_layers``: also ``aux["layers"]``, every layer's output (a list:
+  the stages differ in length and width).
 
   Returns ``pooled [b, width]`` (mean of the final tokens) and ``aux`` with
   ``embedded`` (stem output ``[b, patches, c]``), ``hidden_states`` (the
@@ -352,7 +390,7 @@ class SwinEncoder(nn.Module):
   config: SwinConfig
 
   @nn.compact
-  def __call__(self, images, *, mask=None, train: bool = False):
+  def __call__(self, images, *, mask=None, train: bool = False, return_layers: bool = False):
     cfg = self.config
     bb = cfg.backbone
     if images.ndim != 4 or images.shape[-1] != cfg.channels:
@@ -381,13 +419,14 @@ class SwinEncoder(nn.Module):
           nn.initializers.truncated_normal(0.02), (None, "embed")), (cfg.num_patches, bb.width),
           bb.params_dtype)
       x = x + pos.astype(x.dtype)[None]
-    aux = {"embedded": x, "hidden_states": [x], "stages": [], "grids": []}
+    aux = {"embedded": x, "hidden_states": [x], "stages": [], "grids": [], "layers": []}
     grid = x.reshape(b, gh, gw, bb.width)
     first = 0
     for s in range(cfg.num_stages):
       merge = s + 1 < cfg.num_stages
-      out, merged = SwinStage(cfg, s, merge, train, name=f"stage_{s}")(grid, first)
+      out, merged, layers = SwinStage(cfg, s, merge, train, name=f"stage_{s}")(grid, first)
       first += cfg.depths[s]
+      aux["layers"] += layers
       aux["stages"].append(out.reshape(b, -1, out.shape[-1]))
       aux["grids"].append(out.shape[1:3])
       grid = merged if merge else out
@@ -396,4 +435,6 @@ class SwinEncoder(nn.Module):
         grid.reshape(b, -1, grid.shape[-1]))
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
     aux.update(encoded=tokens, patch_tokens=tokens, pooled=pooled)
+    if not return_layers:
+      del aux["layers"]
     return pooled, aux
