@@ -168,3 +168,21 @@ def test_bad_configs_name_the_field():
     SwinConfig(bb, depths=(2, 3), heads=(2, 4))
   with pytest.raises(ValueError, match="key_bias"):
     TransformerConfig(width=8, depth=1, heads=2, mlp_dim=8, use_bias=False, key_bias=False)
+
+
+def test_remat_gives_the_same_outputs_and_gradients():
+  from datong.unimodal.swin import SwinEncoder
+  bb = swin_backbone(8, (2, 1), (2, 2))
+  cfg = SwinConfig(bb, depths=(2, 1), heads=(2, 2), window_size=2, image_size=(8, 8),
+                   patch_size=2, channels=1)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  params = jax.jit(SwinEncoder(cfg).init)(jax.random.PRNGKey(1), images)["params"]
+
+  def grads(c):
+    f = lambda p: jnp.sum(SwinEncoder(c).apply({"params": p}, images)[0] ** 2)
+    return jax.jit(jax.value_and_grad(f))(params)
+  (a, ga), (b, gb) = grads(cfg), grads(cfg.replace(backbone=bb.replace(remat="full")))
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ga, gb)
+  with pytest.raises(ValueError, match="scan_layers"):
+    cfg.replace(backbone=bb.replace(scan_layers=True))

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from datong.backbone import _REMAT_POLICIES as REMAT_POLICIES  # the backbone's one table
 from datong.backbone import Block, Norm, TransformerConfig, block_inputs
 from datong.ops import windows as W
 from datong.ops.patches import grid_shape, pair, patchify
@@ -121,6 +122,9 @@ class SwinConfig:
       raise ValueError(f"SwinConfig.version={self.version} needs backbone norm_position, "
                        f"cosine_attention, key_bias = {want}; got {got}. Build it with "
                        f"swin_backbone(..., version={self.version}).")
+    if bb.scan_layers:
+      raise ValueError("SwinConfig.backbone.scan_layers=True: a Swin stage runs its blocks one "
+                       "by one (the windows regroup between layers); set it False.")
     if bb.head_dim is not None or bb.kv_heads is not None or bb.rope or bb.cross_attention:
       raise ValueError("SwinConfig.backbone: head_dim, kv_heads, rope and cross_attention are "
                        "not Swin settings; leave them at their defaults.")
@@ -318,6 +322,7 @@ class SwinStage(nn.Module):
     total = sum(cfg.depths)
     b, h, w, c = x.shape
     layers = []
+    block_cls = Block if bb.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[bb.remat])
     for i in range(cfg.depths[self.stage]):
       window, shift = W.stage_window((h, w), cfg.window_size, cfg.window_size // 2 if i % 2 else 0)
       hp, wp = W.padded_size(h, window), W.padded_size(w, window)
@@ -344,7 +349,7 @@ class SwinStage(nn.Module):
         hook = functools.partial(RelativePositionBias, window=window)
       layer = first_layer + i
       rate = bb.stochastic_depth * layer / max(total - 1, 1)
-      tokens, _ = Block(bb, train=self.train, layer_bias=hook, name=f"layer_{i}")(
+      tokens, _ = block_cls(bb, train=self.train, layer_bias=hook, name=f"layer_{i}")(
           tokens, jnp.int32(layer), jnp.float32(rate), None, block_inputs(**inputs))
       grid = W.window_merge(tokens, window, (hp, wp))
       if shift:
