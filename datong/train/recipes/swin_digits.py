@@ -7,8 +7,9 @@ see BENCHMARKS.md.
 Model: the 8x8 digits upsampled 4x (bilinear) to 32x32, as ``vit-digits``;
 4x4 patches (an 8x8 grid), two Swin stages: 2 layers at width 64 (2 heads)
 in 4x4 windows, the second with shifted windows, then a patch merging to a
-4x4 grid and 2 layers at width 128 (4 heads) in one window (the shift is
+4x4 grid and 4 layers at width 128 (4 heads) in one window (the shift is
 off there: the grid is not larger than the window); global-average pooling.
+(With 2 layers in the second stage: 0.9722, BENCHMARKS.md.)
 Training and evaluation as ``vit-digits``: random shifts / rotations /
 scalings, label smoothing 0.1, softmax averaged over 9 one-pixel test shifts.
 
@@ -26,7 +27,7 @@ TARGET = (">=", 0.9833)
 
 
 def config() -> RunConfig:
-  depths, heads = (2, 2), (2, 4)
+  depths, heads = (2, 4), (2, 4)
   model = SwinConfig(swin_backbone(64, depths, heads, mlp_ratio=2), depths=depths, heads=heads,
                      window_size=4, image_size=(32, 32), patch_size=(4, 4), channels=1)
   return RunConfig(
