@@ -77,7 +77,7 @@ def test_shifted_window_attention_equals_direct_masked_attention(version):
   stage = SwinStage(cfg, 0, merge=False)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 8))
   params = _params(stage, x, 0)
-  out, _ = stage.apply({"params": params}, x, 0)
+  out, _, _ = stage.apply({"params": params}, x, 0)
 
   h, w, m = 5, 7, 3
   hp, wp = 6, 9

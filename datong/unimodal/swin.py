@@ -45,6 +45,7 @@ from datong.ops import windows as W
 from datong.ops.patches import grid_shape, pair, patchify
 
 VERSIONS = (1, 2)
+MASKED = -1e9  # logit bias between tokens of different regions of a shifted window
 
 # Published sizes: (embed dim, depths, heads, window, image size, drop-path rate).
 # Swin-T/S/B from Liu et al. 2021 (224 px, window 7); the V2 sizes are the
@@ -336,7 +337,10 @@ class SwinStage(nn.Module):
         return jnp.broadcast_to(a[None], (b,) + a.shape).reshape((b * windows,) + a.shape[1:])
       inputs = {}
       if shift:
-        inputs["mask"] = per_window(jnp.asarray(W.shifted_window_mask((hp, wp), window, shift))[:, None])
+        # An additive bias, not a boolean mask: XLA constant-folds the reduction a
+        # boolean mask gets in the attention op, slowly (seconds per layer).
+        mask = W.shifted_window_mask((hp, wp), window, shift)[:, None]
+        inputs["bias"] = per_window(jnp.asarray(np.where(mask, 0.0, MASKED), jnp.float32))
       if (hp, wp) != (h, w):
         valid = np.zeros((1, hp, wp, 1), np.float32)
         valid[:, :h, :w] = 1.0
