@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -21,14 +21,15 @@ import jax.numpy as jnp
 
 from datong.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from datong.ops.attention import attention as attention_op
-from datong.ops.attention import attention_weights
+from datong.ops.attention import attention_weights, l2_normalize
 from datong.ops import linear as ops_linear
 from datong.ops import masks as mask_ops
 from datong.ops import posemb
+from datong.backbone_presets import PRESETS
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "residual_post")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 KERNEL_INITS = ("xavier_uniform", "normal")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,14 +50,16 @@ class TransformerConfig:
   head_dim: Optional[int] = None  # None: width // heads
   activation: str = "gelu"
   norm: str = "layernorm"
-  norm_position: str = "pre"  # "post" is BERT's original
+  norm_position: str = "pre"  # "post": BERT's original; "residual_post": x + norm(f(x)) (Swin V2)
   norm_eps: float = 1e-6
-  final_norm: Optional[bool] = None  # None: True for pre-LN, False for post-LN
+  final_norm: Optional[bool] = None  # None: True for pre-LN and residual post-LN, False for post-LN
   use_bias: bool = True
+  key_bias: bool = True  # False: no bias on the key projection (Swin V2); needs use_bias
   dropout: float = 0.0
   attention_dropout: float = 0.0
   stochastic_depth: float = 0.0  # drop-path rate of the last block (linear in depth)
   qk_norm: bool = False
+  cosine_attention: bool = False  # Swin V2: cos(q, k) * exp(min(t_head, log 100)), t learned
   cross_attention: bool = False  # decoder blocks of an encoder-decoder
   rope: bool = False  # rotary position embedding in self-attention
   rope_theta: float = 10_000.0
@@ -94,6 +97,10 @@ class TransformerConfig:
         bad(field, "must be in [0, 1)")
     if self.norm_eps <= 0:
       bad("norm_eps", "must be positive")
+    if not self.key_bias and not self.use_bias:
+      bad("key_bias", "is only meaningful with use_bias=True; leave it True")
+    if self.cosine_attention and self.qk_norm:
+      bad("cosine_attention", "already normalizes q and k; set qk_norm=False")
 
   @property
   def resolved_kv_heads(self) -> int:
@@ -105,7 +112,7 @@ class TransformerConfig:
 
   @property
   def has_final_norm(self) -> bool:
-    return self.norm_position == "pre" if self.final_norm is None else self.final_norm
+    return self.norm_position != "post" if self.final_norm is None else self.final_norm
 
   @property
   def compute_dtype(self):
@@ -141,39 +148,6 @@ class TransformerConfig:
     if name not in PRESETS:
       raise ValueError(f"Unknown backbone preset {name!r}; known: {sorted(PRESETS)}.")
     return cls(**{**PRESETS[name], **overrides})
-
-
-def _vit(width, depth, heads, mlp_dim):
-  return dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
-              activation="gelu", norm_eps=1e-6, kernel_init="xavier_uniform")
-
-
-def _bert(width, depth, heads):
-  return dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width,
-              activation="gelu", norm_position="post", norm_eps=1e-12,
-              kernel_init="normal")
-
-
-def _gpt2(width, depth, heads):
-  return dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width,
-              activation="gelu_tanh", norm_eps=1e-5, kernel_init="normal")
-
-
-# All size variants, decoded in one place. ViT sizes from Dosovitskiy et al.
-# and Zhai et al. (Ti/S); BERT from Devlin et al.; GPT-2 from Radford et al.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(width=64, depth=2, heads=4, mlp_dim=128),
-    "vit-Ti": _vit(192, 12, 3, 768),
-    "vit-S": _vit(384, 12, 6, 1536),
-    "vit-B": _vit(768, 12, 12, 3072),
-    "vit-L": _vit(1024, 24, 16, 4096),
-    "vit-H": _vit(1280, 32, 16, 5120),
-    "bert-base": _bert(768, 12, 12),
-    "bert-large": _bert(1024, 24, 16),
-    "gpt2-small": _gpt2(768, 12, 12),
-    "gpt2-medium": _gpt2(1024, 24, 16),
-    "gpt2-large": _gpt2(1280, 36, 20),
-}
 
 
 def _kernel_init(config: TransformerConfig, in_axis=-2, out_axis=-1):
@@ -219,6 +193,7 @@ class Projection(nn.Module):
   features: tuple[int, ...]
   names: tuple[str, ...]
   in_dims: int = 1
+  use_bias: Optional[bool] = None  # None: config.use_bias
 
   @nn.compact
   def __call__(self, x):
@@ -232,7 +207,7 @@ class Projection(nn.Module):
     # policies, so it is used only where no policy looks for them.
     y = ops_linear.dense(x, kernel.astype(cfg.compute_dtype), n_in,
                          matmul_grad=None if cfg.remat in ("none", "full") else False)
-    if cfg.use_bias:
+    if cfg.use_bias if self.use_bias is None else self.use_bias:
       bias = self.param("bias", _partitioned(nn.initializers.zeros, self.names[n_in:]),
                         tuple(self.features), cfg.params_dtype)
       y = y + bias.astype(cfg.compute_dtype)
@@ -263,11 +238,12 @@ class Attention(nn.Module):
     is_cross = context is not None
     source = context if is_cross else x
 
-    def project(name, n_heads, head_axis, inputs):
-      return Projection(cfg, (n_heads, head_dim), ("embed", head_axis, "kv"), name=name)(inputs)
+    def project(name, n_heads, head_axis, inputs, use_bias=None):
+      return Projection(cfg, (n_heads, head_dim), ("embed", head_axis, "kv"), use_bias=use_bias,
+                        name=name)(inputs)
 
     q = project("query", heads, "heads", x)
-    k = project("key", kv_heads, "kv_heads", source)
+    k = project("key", kv_heads, "kv_heads", source, use_bias=None if cfg.key_bias else False)
     v = project("value", kv_heads, "kv_heads", source)
     q = _constrain(q, ("batch", "length", "heads", "kv"))
     k = _constrain(k, ("batch", "length", "kv_heads", "kv"))
@@ -275,6 +251,16 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = Norm(cfg, axis_name="kv", name="query_norm")(q)
       k = Norm(cfg, axis_name="kv", name="key_norm")(k)
+    scale = None
+    if cfg.cosine_attention:
+      # cos(q, k) * exp(min(t, log 100)): the temperature goes into q, so
+      # every kernel computes it with the logits scale set to 1.
+      t = self.param("logit_scale", _partitioned(
+          nn.initializers.constant(jnp.log(10.0)), ("heads",)), (heads,), cfg.params_dtype)
+      t = jnp.exp(jnp.minimum(t.astype(jnp.float32), jnp.log(100.0)))
+      q = (l2_normalize(q) * t[:, None]).astype(q.dtype)
+      k = l2_normalize(k).astype(k.dtype)
+      scale = 1.0
     if cfg.rope and not is_cross:
       q = posemb.apply_rotary(q, positions, theta=cfg.rope_theta)
       k = posemb.apply_rotary(k, positions, theta=cfg.rope_theta)
@@ -291,12 +277,12 @@ class Attention(nn.Module):
       # of the reference path for these q, k and masks, whatever kernel runs.
       self.sow(WEIGHTS_COLLECTION, "weights", attention_weights(
           q, k, causal=causal, mask=mask, bias=bias, q_segment_ids=q_segment_ids,
-          kv_segment_ids=kv_segment_ids))
+          kv_segment_ids=kv_segment_ids, scale=scale))
     dropout_rate = cfg.attention_dropout if self.train else 0.0
     out = attention_op(
         q, k, v, causal=causal, mask=mask, bias=bias,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        dropout_rate=dropout_rate,
+        dropout_rate=dropout_rate, scale=scale,
         dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
         impl=cfg.attention_impl, logical_rules=nn.get_logical_axis_rules())
     out = _constrain(out, ("batch", "length", "heads", "kv"))
@@ -381,18 +367,25 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, layer_index, drop_rate, cache, shared):
     """``layer_index``: int32 scalar (traced under scan); ``shared``: dict of
-    per-call inputs broadcast to every layer.
+    per-call inputs broadcast to every layer (``block_inputs`` builds one).
 
     Returns ``x, (x or None, new_cache, losses)``; ``losses`` is a dict name ->
     float32 scalar of this layer's auxiliary losses (``{}`` without any).
     """
     cfg = self.config
     post = cfg.norm_position == "post"
+    res_post = cfg.norm_position == "residual_post"
     dropout = nn.Dropout(cfg.dropout)
     losses: dict[str, jax.Array] = {}
+    keep_input = shared.get("attention_input_mask")
 
     def residual(x, name, branch):
-      h = branch(x if post else Norm(cfg, name=f"{name}_norm")(x))
+      h = x if post or res_post else Norm(cfg, name=f"{name}_norm")(x)
+      if name == "attention" and keep_input is not None:
+        h = jnp.where(keep_input[..., None], h, jnp.zeros((), h.dtype))
+      h = branch(h)
+      if res_post:
+        h = Norm(cfg, name=f"{name}_norm")(h)
       h = self._drop_path(dropout(h, deterministic=not self.train), drop_rate)
       x = x + h
       return Norm(cfg, name=f"{name}_norm")(x) if post else x
@@ -437,6 +430,22 @@ class Block(nn.Module):
     x = residual(x, "mlp", mlp)
     x = _constrain(x, ("batch", "length", "embed"))
     return x, (x if self.return_layers else None, new_cache, losses)
+
+
+# A Block's ``shared`` inputs: ``Transformer``'s call arguments, and
+# ``attention_input_mask`` ``[batch, length]`` bool: False zeroes that position's
+# self-attention input after the pre-norm (Swin's zero padding to whole windows).
+BLOCK_INPUTS = ("mask", "bias", "segment_ids", "kv_segment_ids", "positions", "cache_index",
+                "context", "context_mask", "attention_input_mask")
+
+
+def block_inputs(**inputs) -> dict:
+  """A ``Block``'s ``shared`` dict (missing keys None), for models that run
+  blocks themselves (Swin regroups tokens into windows between layers)."""
+  if set(inputs) - set(BLOCK_INPUTS):
+    raise ValueError(f"block_inputs: unknown {sorted(set(inputs) - set(BLOCK_INPUTS))}; "
+                     f"known: {BLOCK_INPUTS}.")
+  return {k: inputs.get(k) for k in BLOCK_INPUTS}
 
 
 _REMAT_POLICIES = {

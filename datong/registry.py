@@ -17,6 +17,7 @@ model kind is its module plus one entry here; ``datong.build``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -29,6 +30,8 @@ from datong.multimodal.clip import CLIP, ClipConfig
 from datong.unimodal import masked_image as mim
 from datong.unimodal.encoders import ImageClassifier
 from datong.unimodal.text import BERT, GPT, TextConfig, TextEncoder
+from datong.unimodal.swin import PRESETS as SWIN_PRESETS
+from datong.unimodal.swin import SwinConfig, swin_backbone
 from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 __all__ = ["KINDS", "ModelKind", "encoder_of", "get", "kind_of", "register"]
@@ -44,7 +47,9 @@ class ModelKind:
   those fields from a recipe's task config. ``example_inputs(model, batch,
   seed)``: positional inputs ``model`` accepts. ``encoder_path``: the params
   path of its image encoder (``()``: the whole tree; None: it has none);
-  ``encoder_config(config)``: that encoder's config.
+  ``encoder_config(config)``: that encoder's config. ``presets``: preset
+  names of the kind's own (``swin-T``, ...) -> a function giving its config,
+  accepted where backbone presets are.
   """
   name: str
   description: str
@@ -56,6 +61,7 @@ class ModelKind:
   module_kwargs: Callable[[Any], dict] = lambda task: {}
   encoder_path: Optional[tuple[str, ...]] = None
   encoder_config: Optional[Callable[[Any], Any]] = None
+  presets: dict = dataclasses.field(default_factory=dict)  # own preset names -> () -> config
 
 
 # ------------------------------------------------------------ example inputs
@@ -140,6 +146,28 @@ register(ModelKind(
     "simmim", "SimMIM (datong.unimodal.masked_image.SimMIM)", mim.SimMIM, mim.SimMIMConfig,
     lambda bb: mim.SimMIMConfig(ViTConfig(bb, mask_token=True)), _simmim_inputs,
     encoder_path=("encoder",), encoder_config=lambda c: c.encoder))
+def _swin_from_backbone(bb: TransformerConfig, version: int) -> SwinConfig:
+  """A two-stage Swin with ``bb``'s width, heads and mlp ratio (for backbone presets)."""
+  depths, heads = (2, 2), (bb.heads, 2 * bb.heads)
+  block = swin_backbone(bb.width, depths, heads, version=version,
+                        mlp_ratio=max(1, bb.mlp_dim // bb.width), dtype=bb.dtype,
+                        param_dtype=bb.param_dtype)
+  return SwinConfig(block, depths=depths, heads=heads, window_size=4, image_size=(32, 32),
+                    patch_size=(2, 2), version=version)
+
+
+for _version, _kind in ((1, "swin"), (2, "swinv2")):
+  register(ModelKind(
+      _kind, f"Swin V{_version} image classifier (ImageClassifier on "
+      "datong.unimodal.swin.SwinConfig)", ImageClassifier, SwinConfig,
+      functools.partial(_swin_from_backbone, version=_version),
+      lambda model, batch, seed: (_images(model.config, batch, seed),),
+      module_defaults={"num_classes": 1000},
+      module_kwargs=lambda task: ({"num_classes": task.num_classes}
+                                  if hasattr(task, "num_classes") else {}),
+      encoder_path=("encoder",), encoder_config=lambda c: c,
+      presets={name: functools.partial(SwinConfig.preset, name) for name in SWIN_PRESETS
+               if name.startswith("swinv2") == (_version == 2)}))
 register(ModelKind(
     "clip", "image-text two towers (datong.multimodal.clip.CLIP)", CLIP, ClipConfig,
     lambda bb: ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
@@ -160,10 +188,11 @@ def get(name: str) -> ModelKind:
 
 def kind_of(model: nn.Module) -> Optional[ModelKind]:
   """The entry whose module class ``model`` is (None for other modules)."""
-  for kind in KINDS.values():
-    if type(model) is kind.module:  # pylint: disable=unidiomatic-typecheck
-      return kind
-  return None
+  # One module class may serve several kinds (a classifier on a ViT or a Swin):
+  # the config class decides, then the module class alone.
+  same = [k for k in KINDS.values() if type(model) is k.module]  # pylint: disable=unidiomatic-typecheck
+  exact = [k for k in same if isinstance(getattr(model, "config", None), k.config)]
+  return (exact or same or [None])[0]
 
 
 def encoder_of(model: nn.Module, params) -> tuple[Any, Any]:

@@ -801,3 +801,96 @@ def test_clip_export_parity(torch_hf, tmp_path):
   check("text_embeds", txt, _np(out.text_embeds), errs)
   check("logits_per_image", aux["scale"] * img @ txt.T, _np(out.logits_per_image), errs)
   print("clip export", {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+# ------------------------------------------------------- Swin, Swin V2 ---
+
+def _swin_hf_config(T, version, **kw):
+  """Non-square images (24 x 32, patch 2 -> 12 x 16 grid), window 3: stages 0
+  and 1 pad their grid to whole windows, stage 2 (3 x 4) has its shift off."""
+  common = dict(image_size=(24, 32), patch_size=2, embed_dim=8, depths=[2, 2, 2],
+                num_heads=[2, 2, 4], window_size=3, num_labels=5, drop_path_rate=0.0,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+  if version == 2:
+    return T.Swinv2Config(pretrained_window_sizes=[2, 4, 0], **common)
+  return T.SwinConfig(**common)
+
+
+@pytest.mark.parametrize("version,arch", [(1, "ForImageClassification"), (1, "Model"),
+                                          (2, "ForImageClassification"), (2, "Model")])
+def test_swin_parity(torch_hf, tmp_path, version, arch):
+  torch, T = torch_hf
+  name = ("Swinv2" if version == 2 else "Swin") + arch
+  extra = {"use_absolute_embeddings": True} if (version, arch) == (1, "Model") else {}
+  ref = _randomize(torch, getattr(T, name)(_swin_hf_config(T, version, **extra)))
+  path = _save(ref, tmp_path)
+  pixels = np.random.RandomState(5).randn(2, 3, 24, 32).astype(np.float32)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels), output_hidden_states=True)
+  model, params = hf.load(path)
+  assert model.config.version == version
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  result, aux = run(model, params, images)
+  errs = {}
+  if arch == "Model":
+    check("pooler_output", result, _np(out.pooler_output), errs)
+    check("last_hidden_state", aux["encoded"], _np(out.last_hidden_state), errs)
+  else:
+    check("logits", result, _np(out.logits), errs)
+  assert len(aux["hidden_states"]) == len(out.hidden_states) == 4
+  for k, (ours, theirs, shaped) in enumerate(zip(aux["hidden_states"], out.hidden_states,
+                                                 out.reshaped_hidden_states)):
+    check(f"hidden_states[{k}]", ours, _np(theirs), errs)
+    b, c, h, w = shaped.shape
+    check(f"reshaped_hidden_states[{k}]", np.asarray(ours).reshape(b, h, w, c).transpose(0, 3, 1, 2),
+          _np(shaped), errs)
+  print(name, {k: f"{v:.2e}" for k, v in errs.items()})
+
+
+def test_swin_loads_both_weight_spellings(torch_hf, tmp_path):
+  """transformers >= 5 names V1's weights in memory (q_proj, mlp.fc1, ...) unlike its
+  save_pretrained files (attention.self.query, intermediate.dense, ...): both load."""
+  torch, T = torch_hf
+  ref = _randomize(torch, T.SwinForImageClassification(_swin_hf_config(T, 1)))
+  path = _save(ref, tmp_path / "saved")
+  config = json.loads((tmp_path / "saved" / "config.json").read_text())
+  (tmp_path / "live").mkdir()
+  (tmp_path / "live" / "config.json").write_text(json.dumps(config))
+  hf.write_safetensors(str(tmp_path / "live" / "model.safetensors"),
+                       {k: _np(v) for k, v in ref.state_dict().items()})
+  _, a = hf.load(path)
+  _, b = hf.load(str(tmp_path / "live"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_export_parity(torch_hf, tmp_path, version):
+  torch, T = torch_hf
+  from datong.unimodal.encoders import ImageClassifier
+  from datong.unimodal.swin import SwinConfig, swin_backbone
+  bb = swin_backbone(8, (2, 2, 2), (2, 2, 4), version=version)
+  cfg = SwinConfig(bb, depths=(2, 2, 2), heads=(2, 2, 4), window_size=3, image_size=(24, 32),
+                   patch_size=2, version=version,
+                   pretrained_window_sizes=(2, 4, 0) if version == 2 else ())
+  model = ImageClassifier(cfg, 5)
+  params = _random_params(model, jnp.zeros((1, 24, 32, 3)))
+  hf.save(model, params, str(tmp_path))
+  ref = getattr(T, "Swinv2ForImageClassification" if version == 2
+                else "SwinForImageClassification").from_pretrained(str(tmp_path)).eval()
+  pixels = np.random.RandomState(6).randn(2, 3, 24, 32).astype(np.float32)
+  with torch.no_grad():
+    out = ref(torch.tensor(pixels))
+  logits, _ = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+  err = check(f"exported swin v{version} logits", logits, _np(out.logits))
+  _, back = hf.load(str(tmp_path))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), back, params)
+  print(f"swin v{version} export {err:.2e}")
+
+
+def test_swin_unsupported_configs_are_named(torch_hf, tmp_path):
+  torch, T = torch_hf
+  cfg = _swin_hf_config(T, 2)
+  cfg.image_size = (32, 24)  # HF V2 decides windows by the height alone: differs from Datong
+  path = _save(T.Swinv2ForImageClassification(cfg), tmp_path)
+  with pytest.raises(hf.UnsupportedError, match="window, shift"):
+    hf.load(path)

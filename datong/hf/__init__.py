@@ -25,7 +25,10 @@ module per family:
   scale); ``CLIPTextModel(WithProjection)`` -> ``TextTower``,
   ``CLIPVisionModel`` -> ``ViTEncoder``, ``CLIPVisionModelWithProjection`` ->
   ``ImageClassifier`` (see ``hf.clip``); ``load_clip_text`` loads
-  ``CLIPModel``'s text tower alone.
+  ``CLIPModel``'s text tower alone;
+* ``swin``: ``SwinForImageClassification``, ``Swinv2ForImageClassification``
+  -> ``ImageClassifier(SwinConfig)``; ``SwinModel``, ``Swinv2Model`` ->
+  ``SwinEncoder`` (V2 with ``pretrained_window_sizes``).
 
 Every spelling of a checkpoint is read: the hub's (transformers 4.x names,
 old ``LayerNorm.gamma`` / ``beta``, buffers such as ``position_ids``), what
@@ -43,13 +46,15 @@ use are an error too, so nothing is dropped silently.
 spelling (``GPT`` -> ``GPT2LMHeadModel``, ``ViTClassifier`` ->
 ``ViTForImageClassification``, ``BERT`` -> ``BertForMaskedLM`` /
 ``BertForPreTraining``, ``TextEncoder`` -> ``BertModel``, ``MAE`` ->
-``ViTMAEForPreTraining``, ``CLIP`` -> ``CLIPModel``), so
+``ViTMAEForPreTraining``, ``CLIP`` -> ``CLIPModel``, a classifier on a Swin ->
+``Swin[v2]ForImageClassification``), so
 ``transformers.AutoModel*.from_pretrained(path)`` loads a Datong-trained model.
 
 Each family module has ``ARCHITECTURES``, ``load(config, state,
 **backbone_overrides) -> (model, params)`` and, where it exports,
-``EXPORTS`` (model classes) and ``export(model, params) -> (config, tensors)``;
-the tables below are built from them.
+``EXPORTS`` (model classes; with ``EXPORT_CONFIGS``, only for models whose
+``config`` is one of those classes) and ``export(model, params) -> (config,
+tensors)``; the tables below are built from them.
 
 Layout notes (why the conversion is not a plain rename):
 
@@ -78,7 +83,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from datong.hf import bert, clip, gpt2, vit, vit_mae
+from datong.hf import bert, clip, gpt2, swin, vit, vit_mae
 from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
@@ -101,10 +106,10 @@ __all__ = [
 
 # The one registry: HF architecture name -> family loader, Datong model class
 # -> family exporter (checked with isinstance, in this order).
-_FAMILIES = (gpt2, bert, vit, vit_mae, clip)
+_FAMILIES = (gpt2, bert, swin, vit, vit_mae, clip)
 _LOADERS = {arch: family.load for family in _FAMILIES for arch in family.ARCHITECTURES}
-_EXPORTERS = tuple((cls, family.export) for family in _FAMILIES
-                   for cls in getattr(family, "EXPORTS", ()))
+_EXPORTERS = tuple((cls, getattr(family, "EXPORT_CONFIGS", None), family.export)
+                   for family in _FAMILIES for cls in getattr(family, "EXPORTS", ()))
 SUPPORTED = tuple(_LOADERS)
 
 
@@ -136,7 +141,8 @@ def save(model: nn.Module, params, path: str) -> str:
   Supported: ``GPT`` (-> ``GPT2LMHeadModel``), ``ViTClassifier`` (->
   ``ViTForImageClassification``), ``BERT`` (-> ``BertForMaskedLM``, or
   ``BertForPreTraining`` with ``nsp``), ``TextEncoder`` (-> ``BertModel``),
-  ``MAE`` (-> ``ViTMAEForPreTraining``), ``CLIP`` (-> ``CLIPModel``).
+  ``MAE`` (-> ``ViTMAEForPreTraining``), ``CLIP`` (-> ``CLIPModel``), a
+  classifier on a ``SwinConfig`` (-> ``Swin[v2]ForImageClassification``).
   Tensor names are the hub's (transformers 4.x). ``params`` may be boxed,
   scanned, or wrapped in ``{"params": ...}``. Weights are written as float32.
   A setting HF cannot express raises ``UnsupportedError`` naming it.
@@ -145,9 +151,12 @@ def save(model: nn.Module, params, path: str) -> str:
   if isinstance(params, Mapping) and set(params) == {"params"}:
     params = params["params"]
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  export = next((fn for cls, fn in _EXPORTERS if isinstance(model, cls)), None)
+  export = next((fn for cls, configs, fn in _EXPORTERS if isinstance(model, cls)
+                 and (configs is None or isinstance(getattr(model, "config", None), configs))),
+                None)
   if export is None:
-    names = ", ".join(cls.__name__ for cls, _ in _EXPORTERS)
+    names = ", ".join(cls.__name__ + (f" of {'/'.join(c.__name__ for c in configs)}" if configs else "")
+                      for cls, configs, _ in _EXPORTERS)
     raise UnsupportedError(f"save: no Hugging Face export for {type(model).__name__}; "
                            f"supported: {names}.")
   config, state = export(model, params)

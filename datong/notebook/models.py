@@ -79,10 +79,12 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
   """A Datong model (a flax module) of ``kind`` from a preset and overrides.
 
   Args:
-    kind: one of ``KINDS`` (gpt, bert, vit, vit_encoder, mae, simmim, clip, text_encoder).
+    kind: one of ``KINDS`` (gpt, bert, vit, vit_encoder, mae, simmim, clip,
+      text_encoder, swin, swinv2).
     preset: a backbone size from ``datong.PRESETS`` ("tiny", "vit-B",
-      "gpt2-small", ...) used for every backbone of the model, or a recipe
-      name ("mae-digits", "clip-digits", ...) whose model config is taken.
+      "gpt2-small", ...) used for every backbone of the model, a size of the
+      kind's own ("swin-T", "swinv2-B", ...), or a recipe name ("mae-digits",
+      "swin-digits", ...) whose model config is taken.
     overrides: config fields (see the module docstring) and the module's own
       fields (``num_classes`` of ``vit``; ``pad_id``/``eos_id`` of ``clip``).
   Returns:
@@ -92,13 +94,16 @@ def build(kind: str, preset: str = "tiny", **overrides) -> nn.Module:
     raise _choices("model kind", kind, list(registry.KINDS))
   entry = registry.KINDS[kind]
   cls = entry.module
-  if preset in PRESETS:
+  if preset in entry.presets:  # the kind's own sizes ("swin-T", ...)
+    config = entry.presets[preset]()
+    kwargs = dict(entry.module_defaults)
+  elif preset in PRESETS:
     config = entry.default_config(TransformerConfig.preset(preset))
     kwargs = dict(entry.module_defaults)
   else:
     from datong.train import recipes  # pylint: disable=import-outside-toplevel
     if preset not in recipes.names():
-      raise _choices("preset", preset, sorted(PRESETS) + recipes.names())
+      raise _choices("preset", preset, sorted(entry.presets) + sorted(PRESETS) + recipes.names())
     config, kwargs = _recipe_model(entry, preset)
   module_fields = _module_fields(cls)
   kwargs.update({k: v for k, v in overrides.items() if k in module_fields})

@@ -171,6 +171,7 @@ def _image_encoder(model: nn.Module, params):
 
 def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndarray:
   """Where a ViT layer looks: ``[batch, heads, grid_h, grid_w]``, each map sums to 1.
+  (A Swin maps its windows back to the stage's token grid: ``SwinConfig.attention_map``.)
 
   With a [CLS] token: the [CLS] query's attention over the patches
   (renormalized without the [CLS] key); without one: the attention each
@@ -185,6 +186,8 @@ def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndar
                      f"(valid: {-depth}..{depth - 1}).")
   w = weights[layer]  # [batch, heads, q, kv]
   cfg = encoder.config
+  if hasattr(cfg, "attention_map"):  # windowed attention (Swin): the encoder maps it
+    return cfg.attention_map(w, layer % depth, np.shape(images)[1:3])
   if cfg.has_cls:
     maps = w[:, :, 0, 1:]
   else:

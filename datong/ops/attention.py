@@ -85,6 +85,12 @@ def _check_bias_and_mask(q, k, bias, mask):
           f"e.g. {name}[:, None] for a [batch, q_length, kv_length] {name}).")
 
 
+def l2_normalize(x, eps: float = 1e-12):
+  """``x / max(|x|, eps)`` over the last axis, in float32 (torch's ``F.normalize``)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), eps)
+
+
 def combine_masks(q, k, *, causal=False, mask=None, q_segment_ids=None,
                   kv_segment_ids=None) -> Optional[jax.Array]:
   """All boolean masking as one ``[batch|1, heads|1, q_length, kv_length]`` mask.

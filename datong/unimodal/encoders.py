@@ -14,10 +14,16 @@ An image encoder is described by a frozen config dataclass that has
   b, length, width]``) when called with ``return_layers=True``. An encoder
   that cannot run a shared backbone raises when given one;
 * optionally ``resize_param(path, value, shape)``: how a pretrained leaf of
-  another shape is made to fit (a position table at a new resolution), and
-  ``depth`` (its layer count, for layer-wise learning-rate decay).
+  another shape is made to fit (a position table at a new resolution),
+  ``depth`` (its layer count, for layer-wise learning-rate decay) with
+  ``layer_index(path_names)`` (a parameter's layer id when the default
+  ``layer_i`` rule does not fit, e.g. Swin's stages), and
+  ``attention_map(weights, layer, image_size)`` (a layer's sown attention
+  probabilities as ``[b, heads, h, w]`` maps when they are not over one
+  sequence of patches, e.g. Swin's windows).
 
-``ViTConfig`` (``datong.unimodal.vision``) meets it; so must Swin and BEiT.
+``ViTConfig`` (``datong.unimodal.vision``) and ``SwinConfig``
+(``datong.unimodal.swin``) meet it; so must BEiT.
 Everything that consumes images (``ImageClassifier``, the linear probe and
 k-NN, fine-tuning with layer-wise decay, CLIP's image tower, the notebook's
 attention maps) asks only for this, so a new encoder is its own file plus

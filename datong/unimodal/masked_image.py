@@ -9,8 +9,10 @@
   head predicts each patch's pixels. ``mae_loss``: MSE on masked patches,
   per-patch normalized targets by default.
 * ``SimMIM`` (Xie et al. 2021): masked patches are replaced by a learned
-  mask token inside the encoder; the mask is drawn on a coarser grid of
-  mask patches (``block_masking``); a linear head predicts raw pixels;
+  mask token inside the encoder (a ViT or a Swin); the mask is drawn on a
+  coarser grid of mask patches (``block_masking``); a linear head predicts
+  the raw pixels of each output token (a ViT's patch; a Swin's
+  ``stride x stride`` cell, the 32-px cells of the paper's Swin);
   ``simmim_loss``: L1 on masked pixels. ``avg_dist``: SimMIM's AvgDist.
 * ``save_reconstruction_grid``: (input, masked, reconstruction) rows as PNG.
 """
@@ -18,7 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -234,22 +236,35 @@ def mae_reconstruct(pred, images, mask, patch_size, *, norm_pix: bool = True):
 
 # ------------------------------------------------------------------- SimMIM
 
+def output_patch(encoder) -> tuple[int, int]:
+  """Pixels ``(h, w)`` behind one output token of an image encoder: a ViT's
+  patch, a Swin's ``stride`` (patch x 2 per merging)."""
+  stride = getattr(encoder, "stride", None)
+  return (stride, stride) if stride is not None else pair(encoder.patch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class SimMIMConfig:
-  """SimMIM: a ViT encoder with a mask token + a linear pixel head."""
-  encoder: ViTConfig
-  # Mask cell size in pixels; None: 2x2 patches when they tile the image
-  # (SimMIM's 32x32 cells over 16x16 patches), else one patch.
+  """SimMIM: an image encoder with a mask token (``ViTConfig``, ``SwinConfig``)
+  + a linear pixel head."""
+  encoder: Any
+  # Mask cell size in pixels; None: a Swin's output stride; for a ViT 2x2
+  # patches when they tile the image (SimMIM's 32x32 cells over 16x16
+  # patches), else one patch.
   mask_patch_size: Optional[int] = None
   mask_ratio: float = 0.6
 
   def __post_init__(self):
+    if not hasattr(self.encoder, "mask_token"):
+      raise TypeError(f"SimMIMConfig.encoder: {type(self.encoder).__name__} has no mask token; "
+                      "use a ViTConfig or SwinConfig.")
     if not self.encoder.mask_token:
       object.__setattr__(self, "encoder", self.encoder.replace(mask_token=True))
-    mp, (ph, pw) = self.mask_cell, self.encoder.patch_size
+    mp, (ph, pw) = self.mask_cell, output_patch(self.encoder)
     if mp[0] % ph or mp[1] % pw:
+      what = "output stride" if hasattr(self.encoder, "stride") else "patch size"
       raise ValueError(f"SimMIMConfig.mask_patch_size={self.mask_patch_size} must be a "
-                       f"multiple of the patch size {self.encoder.patch_size}.")
+                       f"multiple of the {what} {(ph, pw)}.")
     grid_shape(self.encoder.image_size, mp)
     num_masked(1, self.mask_ratio)
 
@@ -258,6 +273,8 @@ class SimMIMConfig:
     """The mask's cell size in pixels: ``mask_patch_size``, resolved."""
     if self.mask_patch_size is not None:
       return pair(self.mask_patch_size)
+    if getattr(self.encoder, "stride", None) is not None:
+      return output_patch(self.encoder)
     (ph, pw), (h, w) = self.encoder.patch_size, self.encoder.image_size
     if h % (2 * ph) == 0 and w % (2 * pw) == 0:
       return (2 * ph, 2 * pw)
@@ -265,23 +282,36 @@ class SimMIMConfig:
 
 
 def simmim_masking(rng, batch: int, config: SimMIMConfig):
-  """``[batch, patches]`` bool (True = masked): ``block_masking`` with the
-  config's mask cells and ratio."""
+  """``[batch, patches]`` bool (True = masked) over the encoder's input
+  patches: ``block_masking`` with the config's mask cells and ratio."""
   enc = config.encoder
   return block_masking(rng, batch, enc.image_size, enc.patch_size, config.mask_cell,
                        config.mask_ratio)
 
 
+def output_mask(mask, config: SimMIMConfig, image_size=None):
+  """The input-patch ``mask [b, n]`` on the output tokens ``[b, n_out]`` (the
+  same for a ViT; a Swin's ``stride`` cells, each all masked or all not)."""
+  enc = config.encoder
+  (ph, pw), (oh, ow) = pair(enc.patch_size), output_patch(enc)
+  if (ph, pw) == (oh, ow):
+    return mask
+  gh, gw = grid_shape(pair(image_size or enc.image_size), (ph, pw))
+  return mask.reshape(-1, gh, gw)[:, ::oh // ph, ::ow // pw].reshape(mask.shape[0], -1)
+
+
 class SimMIM(nn.Module):
-  """``(images, mask [b, n]) -> (pred [b, n, patch_dim] raw pixels, aux)``."""
+  """``(images, mask [b, n]) -> (pred [b, n_out, out_patch_dim] raw pixels, aux)``:
+  ``mask`` over the input patches, ``pred`` per output token (see ``output_mask``)."""
   config: SimMIMConfig
 
   @nn.compact
   def __call__(self, images, mask, *, train: bool = False):
     enc = self.config.encoder
-    _, aux = ViTEncoder(enc, name="encoder")(images, mask=mask, train=train)
+    _, aux = enc.make(name="encoder")(images, mask=mask, train=train)
+    oh, ow = output_patch(enc)
     pred = nn.Dense(
-        enc.patch_dim, dtype=jnp.float32, param_dtype=enc.backbone.params_dtype,
+        oh * ow * enc.channels, dtype=jnp.float32, param_dtype=enc.backbone.params_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "patch")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("patch",)),
         name="pixel_head")(aux["patch_tokens"].astype(jnp.float32))
@@ -291,7 +321,8 @@ class SimMIM(nn.Module):
     """``(pred, mask, loss, norm_pix)``: as ``MAE.masked_prediction``."""
     mask = simmim_masking(key, images.shape[0], self.config)
     pred, _ = self.apply({"params": params}, images, mask)
-    loss, _ = simmim_loss(pred, images, mask, self.config.encoder.patch_size)
+    mask = output_mask(mask, self.config, images.shape[1:3])
+    loss, _ = simmim_loss(pred, images, mask, output_patch(self.config.encoder))
     return pred, mask, loss, False
 
 
@@ -310,7 +341,7 @@ def reconstruct(model, params, images, key) -> dict:
   """Mask ``images`` at random and reconstruct them with a masked-image model
   (``MAE``, ``SimMIM``: any module with ``masked_prediction``).
 
-  Jittable (``model`` static). Returns ``mask`` ``[b, patches]``, ``loss``
+  Jittable (``model`` static). Returns ``mask`` ``[b, output tokens]``, ``loss``
   (the model's training loss on this mask), ``reconstruction`` (predictions
   on masked patches, the input elsewhere) and ``masked`` (the input with
   masked pixels NaN, for display).
@@ -319,7 +350,7 @@ def reconstruct(model, params, images, key) -> dict:
     raise TypeError(f"reconstruct needs a masked-image model (MAE, SimMIM); "
                     f"got {type(model).__name__}.")
   pred, mask, loss, norm_pix = model.masked_prediction(params, images, key)
-  patch = model.config.encoder.patch_size
+  patch = output_patch(model.config.encoder)
   pixels = patch_mask_to_pixels(mask, images.shape[1:3], patch)[..., None]
   return {"mask": mask, "loss": loss,
           "reconstruction": mae_reconstruct(pred, images, mask, patch, norm_pix=norm_pix),

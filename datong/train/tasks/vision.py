@@ -126,11 +126,18 @@ class ViTClassifierConfig:
     return ViTClassifierTask(self)
 
 
-def layer_ids(params, depth: int):
+def layer_ids(params, depth: int, layer_index=None):
   """Per-leaf layer index for layer-wise lr decay: stem / cls / pos 0,
-  backbone ``layer_i`` i + 1, the final norm and head ``depth + 1``."""
+  backbone ``layer_i`` i + 1, the final norm and head ``depth + 1``.
+  ``layer_index(names)``: the encoder's own rule (a Swin's stage-aware
+  ids), consulted first; None from it falls back to the rule above."""
   def layer(path, _):
     names = path_names(path)
+    if layer_index is not None:
+      inner = names[1:] if names and names[0] == "encoder" else None
+      found = layer_index(inner) if inner is not None else None
+      if found is not None:
+        return found
     for n in names:
       if n.startswith("layer_"):
         return int(n.split("_")[1]) + 1
@@ -220,7 +227,7 @@ class ViTClassifierTask(_ImageTask):
     if depth is None:
       raise ValueError(f"ViTClassifierConfig.layer_decay={decay} needs the encoder's layer count; "
                        f"{type(self.config.model).__name__} has no depth.")
-    ids = layer_ids(params, depth)
+    ids = layer_ids(params, depth, getattr(self.config.model, "layer_index", None))
     return jax.tree.map(lambda i: float(decay ** (depth + 1 - i)), ids)
 
   def flops_per_example(self):
@@ -382,9 +389,12 @@ class SimMIMTask(_MIMTask):
     mask = self.masking(mask_rng, images.shape[0])
     pred, aux = self.model.apply({"params": _unbox(params)}, images, mask, train=train,
                                  rngs={"dropout": drop_rng})
-    loss, metrics = mim.simmim_loss(pred, images, mask, self.encoder_config.patch_size)
+    loss, metrics = mim.simmim_loss(pred, images, mim.output_mask(mask, self.config.model),
+                                    mim.output_patch(self.encoder_config))
     return loss, with_aux_losses(metrics, aux)
 
   def flops_per_example(self):
     enc = self.encoder_config
-    return enc.flops_per_example() + 3 * 2 * enc.num_patches * enc.backbone.width * enc.patch_dim
+    oh, ow = mim.output_patch(enc)
+    h, w = enc.image_size
+    return enc.flops_per_example() + 3 * 2 * (h // oh) * (w // ow) * enc.width * oh * ow * enc.channels
