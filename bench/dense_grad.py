@@ -16,7 +16,6 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):
@@ -27,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from datong.ops import linear
-from datong.train import data as data_lib
-from datong.train import loop, recipes
+from datong.train import recipes
+from step_time import step_runner  # bench/ is this script's directory
 
 _dense = linear.dense
 
@@ -75,22 +74,7 @@ def gpt_runners():
   cfg = recipes.get("gpt-pydoc")
 
   def runner(ctx):
-    trainer = loop.Trainer(cfg, tempfile.mkdtemp())
-    with ctx():  # the step is traced at its first call
-      state = trainer.init_state()
-      batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
-      for _ in range(3):
-        state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-
-    def run(n):
-      nonlocal state
-      start = time.perf_counter()
-      for _ in range(n):
-        state, out = trainer.step(state, batch)
-      jax.block_until_ready(out)
-      return (time.perf_counter() - start) / n
-    return run
+    return step_runner(cfg, context=ctx)  # the step is traced at its first call
   return {"autodiff tensordot": runner(autodiff_dense),
           "matmul backward": runner(contextlib.nullcontext)}, ""
 

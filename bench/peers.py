@@ -45,32 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from datong.train import loop, recipes
-from datong.train import data as data_lib
+from datong.train import recipes
 from datong.train.config import override
+from step_time import step_runner  # bench/ is this script's directory
 
 # ---------------------------------------------------------------- Datong
 
 
 def datong_runner(cfg) -> tuple[Callable[[int], float], int]:
   """(run(n) -> seconds per step, parameter count) for a recipe config."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-  trainer = loop.Trainer(cfg, tempfile.mkdtemp(prefix="datong-peers-"))
-  state = trainer.init_state()
-  batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
-  for _ in range(3):
-    state, metrics = trainer.step(state, batch)
-  jax.block_until_ready(metrics)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-
-  def run(n: int) -> float:
-    nonlocal state
-    start = time.perf_counter()
-    for _ in range(n):
-      state, out = trainer.step(state, batch)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
-  return run, n_params
+  run = step_runner(cfg)
+  return run, run.num_params
 
 
 def vit_config():

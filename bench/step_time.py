@@ -10,6 +10,7 @@ is reported with the ratio to the first variant.
 """
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -21,16 +22,20 @@ from datong.train import loop, recipes
 from datong.train.config import RunConfig, override
 
 
-def step_runner(cfg: RunConfig):
-  """A callable ``run(n)``: ``n`` more steps on one batch, in seconds per step.
+def step_runner(cfg: RunConfig, context=contextlib.nullcontext):
+  """A callable ``run(n)``: ``n`` more steps on one batch, in seconds per step;
+  ``run.num_params`` is the model's parameter count.
 
-  The step is compiled and warmed up here, so ``run`` times only steps.
+  The step is compiled and warmed up here (inside ``context()``, where the
+  step is traced), so ``run`` times only steps. ``bench/peers.py`` and
+  ``bench/dense_grad.py`` time the Trainer through this.
   """
   trainer = loop.Trainer(cfg, tempfile.mkdtemp())
-  state = trainer.init_state()
-  batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
-  for _ in range(3):  # compile + warm up
-    state, metrics = trainer.step(state, batch)
+  with context():
+    state = trainer.init_state()
+    batch = data_lib.to_global(next(trainer.train_iterator()), trainer.batch_sharding)
+    for _ in range(3):  # compile + warm up
+      state, metrics = trainer.step(state, batch)
   jax.block_until_ready(metrics)
 
   def run(n: int) -> float:
@@ -40,6 +45,7 @@ def step_runner(cfg: RunConfig):
       state, out = trainer.step(state, batch)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / n
+  run.num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return run
 
 
