@@ -50,6 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
                      "(or DATONG_COORDINATOR); the same command runs on every host")
   train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
   train.add_argument("--process-id", type=int, help="multi-host: this process's index")
+
+  sweep = sub.add_parser(
+      "sweep", help="run every point of a grid of settings (one run each; resumable)",
+      description="Runs `datong train RECIPE` for every point of the product of the --grid "
+                  "axes, each in WORKDIR/<point>/, and writes WORKDIR/summary.csv. Finished "
+                  "points are skipped and interrupted ones resume: run the same command again.")
+  add_overrides(sweep)
+  sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                     help="one axis: KEY=V1,V2 or K1/K2=a1/b1,a2/b2 to set keys together "
+                          "(repeatable; keys as in --set)")
+  sweep.add_argument("--workdir", required=True, help="the sweep's directory")
+  sweep.add_argument("--parallel", type=int, default=1, help="points run at once (default 1)")
+  sweep.add_argument("--metric", help="eval metric shown in the table (default: the recipe's)")
+
+  fit = sub.add_parser(
+      "fit", help="fit scaling laws L(N), L(D), L(N, D) to a sweep",
+      description="Fits L(N) = E + A N^-alpha, L(D) = E + B D^-beta and L(N, D) = E + A "
+                  "N^-alpha + B D^-beta to a sweep's summary.csv (Huber loss on log-loss, "
+                  "bootstrap 95%% intervals); writes fit.json and PNG plots.")
+  fit.add_argument("workdir", help="a `datong sweep` directory")
+  fit.add_argument("--metric", help="the eval metric to fit (default: the recipe's)")
+  fit.add_argument("--params", default="non_embedding", choices=("non_embedding", "total"),
+                   help="which parameter count is N (default non_embedding)")
+  fit.add_argument("--budget", type=float, action="append", default=[], metavar="FLOPS",
+                   help="a compute budget C = 6ND for the compute-optimal N and D (repeatable; "
+                        "default: the sweep's largest and 10x it)")
+  fit.add_argument("--predict", metavar="N=...,D=...", help="predict the loss at N, D")
+  fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+  fit.add_argument("--out", help="where fit.json and the plots go (default WORKDIR/fit)")
   return parser
 
 
@@ -90,6 +119,36 @@ def _run(args) -> int:
     config = _resolved_config(args)
     result = loop.train(config, args.workdir, progress=False if args.no_progress else None)
     return EXIT_STOPPED if result.preempted else EXIT_DONE
+  if args.command == "sweep":
+    from datong.train import sweep  # pylint: disable=import-outside-toplevel
+    axes = [sweep.parse_axis(spec) for spec in args.grid]
+    return sweep.run(args.recipe, axes, args.workdir, sets=_parse_overrides(args.overrides),
+                     parallel=args.parallel, metric=args.metric)
+  if args.command == "fit":
+    return _fit(args)
+  return 0
+
+
+def _fit(args) -> int:
+  import os  # pylint: disable=import-outside-toplevel
+  from datong.train import scaling, sweep  # pylint: disable=import-outside-toplevel
+  rows = sweep.read_summary(args.workdir)
+  metric = args.metric or sweep.read_sweep_info(args.workdir).get("metric")
+  if not metric:
+    raise ValueError(f"the sweep in {args.workdir} names no metric (a recipe without METRIC); "
+                     "pass --metric, e.g. --metric eval/loss.")
+  if args.bootstrap < 10:
+    raise ValueError(f"--bootstrap {args.bootstrap}: use at least 10 resamples.")
+  predict = scaling.parse_predict(args.predict) if args.predict else None
+  result = scaling.fit_sweep(rows, metric, params=args.params, bootstrap=args.bootstrap)
+  flops = 6.0 * result["data"]["N"] * result["data"]["D"]
+  budgets = args.budget or [float(flops.max()), 10.0 * float(flops.max())]
+  rec = scaling.report(result, metric, budgets=budgets, predict=predict)
+  out = args.out or os.path.join(args.workdir, "fit")
+  os.makedirs(out, exist_ok=True)
+  paths = [scaling.write_report(rec, out)] + scaling.plot_fits(result, metric, out)
+  print(scaling.format_report(rec))
+  print("wrote " + ", ".join(paths))
   return 0
 
 

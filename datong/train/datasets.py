@@ -1,6 +1,6 @@
 """Embedded tensorflow-datasets builders: real data that needs no download.
 
-Three builders, prepared on first use (see `datong.train.data.prepare`) as
+Four builders, prepared on first use (see `datong.train.data.prepare`) as
 array_record files read with `tfds.data_source`, so TensorFlow is never
 needed:
 
@@ -19,6 +19,21 @@ needed:
   (79 topics, ~465 KB of English on Python 3.11). Features: `title`, `text`
   (Text). Topic keys are sorted and every 10th one starting with the first
   (`i % 10 == 0`) is held out as `validation`; the other 71 are `train`.
+- `pysource_text`: the Python standard library's own `.py` sources from the
+  running interpreter (about 12 MB on 3.11), one document per module
+  (`title` = dotted module name, `text` = the source). Left out: test
+  packages (any `test`, `tests` or `idle_test` directory), `site-packages`,
+  and the machine-generated `config-*` / `_sysconfigdata*` files (they
+  differ between builds of one Python version). Split by top-level package
+  or module name, sorted: every 20th starting with the third (`i % 20 == 2`)
+  is `validation`, so a whole package is either seen or held out. Offset 2,
+  because offset 0 holds out `encodings` (1.4 MB of codec tables, 2.1 MB in
+  all) and offset 1 `idlelib`; offset 2 holds out 10 packages of ordinary
+  code (`enum`, `configparser`, `unittest`, ...), 4.6% of the bytes.
+  `pysource_split_bytes()` gives each split's exact UTF-8 byte count and
+  `pysource_xz_baseline()` the `xz -9` anchor (both for the running
+  interpreter; BENCHMARKS.md records them for 3.11.7). The version is the
+  full Python version ("3.11.7"): a patch release edits the sources.
 
 Why `i % 10 == 0`: it is the offset that reproduces the project note
 "holding out every 10th topic (32 KB): xz -9 needs 1.79 bits/byte on the
@@ -44,7 +59,9 @@ UTF-8 byte, given everything in `train`).
 import functools
 import hashlib
 import lzma
+import os
 import sys
+import sysconfig
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -90,6 +107,10 @@ ZERO_SHOT_TEMPLATES = (
 
 PYDOC_HOLDOUT_EVERY = 10
 PYDOC_HOLDOUT_OFFSET = 0
+PYSOURCE_HOLDOUT_EVERY = 20
+PYSOURCE_HOLDOUT_OFFSET = 2
+_PYSOURCE_SKIP_DIRS = ("test", "tests", "idle_test", "site-packages", "dist-packages",
+                       "__pycache__")
 
 
 def digit_caption(index: int, label: int) -> str:
@@ -135,6 +156,65 @@ def pydoc_xz_baseline(extreme: bool = True) -> float:
   split = pydoc_split_titles()
   train = "".join(topics[t] for t in split["train"]).encode("utf-8")
   held = "".join(topics[t] for t in split["validation"]).encode("utf-8")
+  preset = 9 | lzma.PRESET_EXTREME if extreme else 9
+  extra = len(lzma.compress(train + held, preset=preset)) - len(lzma.compress(train, preset=preset))
+  return 8.0 * extra / len(held)
+
+
+@functools.lru_cache(maxsize=None)
+def pysource_modules() -> dict[str, str]:
+  """Dotted module name -> path of its source, for `pysource_text` (sorted).
+
+  Every `.py` file under the running interpreter's stdlib directory except
+  test packages, site-packages and the machine-generated `config-*` /
+  `_sysconfigdata*` files; `pkg/__init__.py` is module `pkg`.
+  """
+  root = sysconfig.get_paths()["stdlib"]
+  found = {}
+  for here, dirs, files in os.walk(root):
+    rel = os.path.relpath(here, root)
+    parts = () if rel == "." else tuple(rel.split(os.sep))
+    # Prune in place: os.walk then never enters them.
+    dirs[:] = sorted(d for d in dirs if d not in _PYSOURCE_SKIP_DIRS
+                     and not (not parts and d.startswith("config-")))
+    for f in files:
+      if not f.endswith(".py") or (not parts and f.startswith("_sysconfigdata")):
+        continue
+      name = ".".join(parts + (f[:-3],))
+      found[name.removesuffix(".__init__")] = os.path.join(here, f)
+  return dict(sorted(found.items()))
+
+
+def pysource_split_modules() -> dict[str, list[str]]:
+  """{'train': module names, 'validation': module names}: whole top-level
+  packages held out, every 20th name (sorted) starting with the third."""
+  modules = pysource_modules()
+  tops = sorted({m.split(".")[0] for m in modules})
+  held = {t for i, t in enumerate(tops) if i % PYSOURCE_HOLDOUT_EVERY == PYSOURCE_HOLDOUT_OFFSET}
+  return {"train": [m for m in modules if m.split(".")[0] not in held],
+          "validation": [m for m in modules if m.split(".")[0] in held]}
+
+
+def _pysource_text(split: str) -> bytes:
+  modules = pysource_modules()
+  out = []
+  for name in pysource_split_modules()[split]:
+    with open(modules[name], "rb") as f:
+      out.append(f.read())
+  return b"".join(out)
+
+
+def pysource_split_bytes() -> dict[str, int]:
+  """Exact UTF-8 byte count of each `pysource_text` split (running interpreter)."""
+  return {s: len(_pysource_text(s)) for s in ("train", "validation")}
+
+
+@functools.lru_cache(maxsize=None)
+def pysource_xz_baseline(extreme: bool = True) -> float:
+  """xz's bits per byte on `pysource_text` validation given all of train,
+  computed as `pydoc_xz_baseline` does (modules concatenated in sorted
+  order). About 20 s on one core: lzma over 12 MB, twice."""
+  train, held = _pysource_text("train"), _pysource_text("validation")
   preset = 9 | lzma.PRESET_EXTREME if extreme else 9
   extra = len(lzma.compress(train + held, preset=preset)) - len(lzma.compress(train, preset=preset))
   return 8.0 * extra / len(held)
@@ -230,4 +310,39 @@ class PydocText(tfds.core.GeneratorBasedBuilder):
       yield title, {"title": title, "text": topics[title]}
 
 
-BUILDERS = {b.name: b for b in (Digits, DigitCaptions, PydocText)}
+class PysourceText(tfds.core.GeneratorBasedBuilder):
+  """The Python standard library's `.py` sources, one document per module."""
+
+  name = "pysource_text"
+  # The sources are whatever the running interpreter ships, and a patch
+  # release edits them: version the corpus by the full Python version.
+  VERSION = tfds.core.Version("{}.{}.{}".format(*sys.version_info[:3]))
+  RELEASE_NOTES = {str(VERSION): f"The stdlib sources of Python {sys.version.split()[0]}."}
+
+  code_path = None  # as in `Digits`
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "title": tfds.features.Text(),
+            "text": tfds.features.Text(),
+        }),
+        disable_shuffling=True,  # sorted by module name
+        homepage="https://docs.python.org/3/library/",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(s) for s in ("train", "validation")}
+
+  def _generate_examples(self, split: str):
+    modules = pysource_modules()
+    for name in pysource_split_modules()[split]:
+      with open(modules[name], "rb") as f:
+        # Python sources are UTF-8 (PEP 3120); the stdlib's all decode.
+        yield name, {"title": name, "text": f.read().decode("utf-8")}
+
+
+BUILDERS = {b.name: b for b in (Digits, DigitCaptions, PydocText, PysourceText)}

@@ -71,6 +71,14 @@ def _from_spec(spec: str):
   return config
 
 
+def module(name: str) -> ModuleType:
+  """The module of registered recipe ``name`` (its ``METRIC``, ``TARGET``, docs)."""
+  modules = _modules()
+  if name not in modules:
+    raise ValueError(f"Unknown recipe {name!r}. Known recipes: {', '.join(sorted(modules)) or 'none'}.")
+  return modules[name]
+
+
 def get(name: str):
   """The ``RunConfig`` of recipe ``name``; unknown names list the known ones.
 
