@@ -104,6 +104,27 @@ def test_bpe_spec_learns_from_the_train_split_and_checks_the_model_vocab():
     text_tasks.make_tokenizer("wordpiece")
 
 
+def test_learned_bpe_is_cached_on_disk_for_later_processes(tmp_path, monkeypatch):
+  monkeypatch.setenv("DATONG_DATA_DIR", str(tmp_path))
+  text_tasks._learned_bpe.cache_clear()
+  first = text_tasks.make_tokenizer("bpe:300", ("pydoc_text", "train", "text"))
+  (cached,) = (tmp_path / "cache" / "bpe").glob("*-300.json")
+  text_tasks._learned_bpe.cache_clear()  # as a new process
+
+  def must_not_learn(*args):
+    raise AssertionError("learned again despite the cache")
+  monkeypatch.setattr(BPETokenizer, "learn", must_not_learn)
+  assert text_tasks.make_tokenizer("bpe:300", ("pydoc_text", "train", "text")).merges == \
+      first.merges
+  cached.write_text("damaged")  # relearned, not an error
+  monkeypatch.undo()
+  monkeypatch.setenv("DATONG_DATA_DIR", str(tmp_path))
+  text_tasks._learned_bpe.cache_clear()
+  assert text_tasks.make_tokenizer("bpe:300", ("pydoc_text", "train", "text")).merges == \
+      first.merges
+  text_tasks._learned_bpe.cache_clear()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is None,
                     reason="sentencepiece not installed (pip install sentencepiece)")
 def test_sentencepiece_adapter(tmp_path):

@@ -73,6 +73,14 @@ def _embedded_dir(data_dir: str | os.PathLike | None) -> str:
   return os.path.abspath(os.path.expanduser(os.fspath(d)))
 
 
+def cache_path(*parts: str, data_dir: str | os.PathLike | None = None) -> str:
+  """A path under ``<data dir>/cache/`` (made if missing) for results derived
+  from the data once and reused by later processes, e.g. learned tokenizers."""
+  path = os.path.join(_embedded_dir(data_dir), "cache", *parts)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return path
+
+
 def _catalog_dir(data_dir: str | os.PathLike | None) -> str:
   d = data_dir or os.environ.get(DATA_DIR_ENV) or tfds.core.constants.DATA_DIR
   return os.path.abspath(os.path.expanduser(os.fspath(d)))

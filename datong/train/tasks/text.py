@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -112,7 +114,29 @@ def make_tokenizer(spec: str, corpus: Optional[tuple[str, str, str]] = None) -> 
 
 @functools.lru_cache(maxsize=8)
 def _learned_bpe(dataset: str, split: str, feature: str, vocab_size: int) -> BPETokenizer:
-  return BPETokenizer.learn(load_documents(dataset, split, feature), vocab_size)
+  docs = load_documents(dataset, split, feature)
+  # Learning is deterministic but takes ~5 s per 10 MB: the result is kept
+  # next to the data, keyed by the exact text and the tokenizer format, for
+  # every later process (each point of a sweep is one).
+  digest = hashlib.sha256(BPETokenizer.FORMAT.encode())
+  for doc in docs:
+    digest.update(len(doc).to_bytes(8, "little") + doc)
+  try:
+    path = data.cache_path("bpe", f"{digest.hexdigest()[:32]}-{vocab_size}.json")
+  except OSError:
+    return BPETokenizer.learn(docs, vocab_size)  # no writable data dir: learn each time
+  if os.path.exists(path):
+    try:
+      return BPETokenizer.load(path)
+    except ValueError:
+      pass  # a damaged cache file is learned again and replaced
+  tokenizer = BPETokenizer.learn(docs, vocab_size)
+  try:
+    tokenizer.save(path + f".{os.getpid()}.tmp")
+    os.replace(path + f".{os.getpid()}.tmp", path)
+  except OSError:
+    pass  # a read-only data dir only costs the relearning
+  return tokenizer
 
 
 class PackedSource:
