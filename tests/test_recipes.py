@@ -10,7 +10,7 @@ from datong.train import config as config_lib
 from datong.train import loop, recipes
 
 EXPECTED = {"gpt-pydoc", "bert-pydoc", "vit-digits", "mae-digits", "simmim-digits",
-            "clip-digits", "siglip-digits", "swin-digits", "simmim-swin-digits"}
+            "clip-digits", "siglip-digits", "swin-digits", "simmim-swin-digits", "gpt-pysource"}
 
 
 def test_all_issue_recipes_are_registered_with_documented_expectations():
