@@ -136,15 +136,21 @@ class MAE(nn.Module):
 
   Masking is an input (see ``random_masking``) so the module stays pure.
   ``aux`` holds the encoder's aux (``encoded`` has ``n_keep`` (+1) tokens)
-  and ``decoded`` (the decoder output, image order, CLS dropped).
+  and ``decoded`` (the decoder output, image order, CLS dropped). With
+  ``return_layers``: the encoder's ``layers`` and the decoder's input
+  ``decoder_embedded`` and block outputs ``decoder_layers`` ``[depth, batch,
+  (1 +) n, width]`` (image order, CLS kept; before the decoder's final norm:
+  HF's decoder ``hidden_states``).
   """
   config: MAEConfig
 
   @nn.compact
-  def __call__(self, images, keep_indices, restore_indices, *, train: bool = False):
+  def __call__(self, images, keep_indices, restore_indices, *, train: bool = False,
+               return_layers: bool = False):
     cfg = self.config
     enc, dec = cfg.encoder, cfg.decoder
-    _, aux = ViTEncoder(enc, name="encoder")(images, keep_indices=keep_indices, train=train)
+    _, aux = ViTEncoder(enc, name="encoder")(images, keep_indices=keep_indices, train=train,
+                                             return_layers=return_layers)
     dense = lambda features, axes, name: nn.Dense(
         features, dtype=dec.compute_dtype, param_dtype=dec.params_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
@@ -170,7 +176,10 @@ class MAE(nn.Module):
     tokens = tokens + pos.astype(tokens.dtype)[None]
     if prefix:
       tokens = jnp.concatenate([y[:, :prefix], tokens], axis=1)
-    hidden, dec_aux = Transformer(dec, name="decoder")(tokens, train=train)
+    hidden, dec_aux = Transformer(dec, name="decoder")(tokens, train=train,
+                                                       return_layers=return_layers)
+    if return_layers:
+      aux["decoder_embedded"], aux["decoder_layers"] = tokens, dec_aux["layers"]
     hidden = hidden[:, prefix:]
     pred = nn.Dense(
         enc.patch_dim, dtype=jnp.float32, param_dtype=dec.params_dtype,
