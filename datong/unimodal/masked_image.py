@@ -29,7 +29,7 @@ import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.ops.patches import grid_shape, pair, patchify, unpatchify
-from datong.ops.posemb import interpolate_2d, sincos_2d
+from datong.ops.posemb import interpolate_1d, interpolate_2d, sincos_2d
 from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 
@@ -122,11 +122,17 @@ class MAEConfig:
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True  # per-patch normalized pixel targets
   decoder_posemb: str = "sincos"  # sincos | learned
+  # How a learned decoder table meets a new grid: "grid" (2-D bicubic, as the
+  # encoder's) or "sequence" (HF ViT-MAE: 1-D bicubic over the flattened table).
+  decoder_pos_resize: str = "grid"
 
   def __post_init__(self):
     num_masked(self.encoder.num_patches, self.mask_ratio)  # validates the ratio
     if self.decoder_posemb not in ("sincos", "learned"):
       raise ValueError(f"MAEConfig.decoder_posemb={self.decoder_posemb!r}: choose sincos or learned.")
+    if self.decoder_pos_resize not in ("grid", "sequence"):
+      raise ValueError(f"MAEConfig.decoder_pos_resize={self.decoder_pos_resize!r}: choose grid "
+                       "or sequence.")
     if self.encoder.mask_token:
       raise ValueError("MAEConfig.encoder.mask_token must be False: MAE's encoder never sees masks.")
 
@@ -172,7 +178,8 @@ class MAE(nn.Module):
       pos = self.param("decoder_pos_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, "embed")), (enc.num_patches, dec.width),
           dec.params_dtype)
-      pos = interpolate_2d(pos, enc.grid, grid)
+      pos = (interpolate_1d(pos, grid[0] * grid[1]) if cfg.decoder_pos_resize == "sequence"
+             else interpolate_2d(pos, enc.grid, grid))
     tokens = tokens + pos.astype(tokens.dtype)[None]
     if prefix:
       tokens = jnp.concatenate([y[:, :prefix], tokens], axis=1)
