@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -88,6 +88,7 @@ from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
 from datong.hf.gpt2 import load_gpt2
+from datong.hf.hub import load_tokenizer, resolve
 from datong.hf.safetensors import read_checkpoint, read_safetensors, write_safetensors
 from datong.hf.vit import load_vit
 from datong.hf.vit_mae import load_vit_mae, mae_masking
@@ -101,7 +102,7 @@ from datong.hf.vit_mae import vit_mae_config  # noqa: F401
 __all__ = [
     "UnsupportedError", "load", "load_gpt2", "load_bert", "load_vit", "load_vit_mae",
     "load_clip", "load_clip_text", "mae_masking", "save", "read_checkpoint",
-    "read_safetensors", "write_safetensors", "SUPPORTED",
+    "read_safetensors", "write_safetensors", "SUPPORTED", "load_tokenizer", "resolve",
 ]
 
 # The one registry: HF architecture name -> family loader, Datong model class
@@ -113,14 +114,20 @@ _EXPORTERS = tuple((cls, getattr(family, "EXPORT_CONFIGS", None), family.export)
 SUPPORTED = tuple(_LOADERS)
 
 
-def load(path: str, **backbone_overrides):
-  """``(model, params)`` for the HF model directory ``path``.
+def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+         local_files_only: bool = False, **backbone_overrides):
+  """``(model, params)`` for an HF model directory or hub id ``path``.
 
-  ``backbone_overrides`` go to every ``TransformerConfig`` built (e.g.
-  ``scan_layers=True``, ``attention_impl="xla"``, ``dtype="bfloat16"``,
-  ``dropout=0.1``). ``params`` is the plain ``params`` collection:
-  ``model.apply({"params": params}, ...)``.
+  A hub id (``"org/name"``) resolves through ``huggingface_hub``'s local
+  cache first, at ``revision``, and downloads only when it is not cached and
+  the hub may be reached (``hub.resolve``). ``backbone_overrides`` go to
+  every ``TransformerConfig`` built (e.g. ``scan_layers=True``,
+  ``attention_impl="xla"``, ``dtype="bfloat16"``, ``dropout=0.1``).
+  ``params`` is the plain ``params`` collection: ``model.apply({"params":
+  params}, ...)``.
   """
+  path = resolve(path, revision=revision, cache_dir=cache_dir,
+                 local_files_only=local_files_only)
   config, tensors = read_checkpoint(path)
   archs = config.get("architectures") or []
   if not archs:
