@@ -89,7 +89,8 @@ from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
 from datong.hf.gpt2 import load_gpt2
 from datong.hf.hub import load_tokenizer, resolve
-from datong.hf.safetensors import read_checkpoint, read_safetensors, write_safetensors
+from datong.hf.safetensors import (MappedFiles, read_checkpoint, read_safetensors,
+                                   write_safetensors)
 from datong.hf.vit import load_vit
 from datong.hf.vit_mae import load_vit_mae, mae_masking
 # Config translations alone, reachable as hf.<name> as before the split.
@@ -115,7 +116,7 @@ SUPPORTED = tuple(_LOADERS)
 
 
 def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-         local_files_only: bool = False, **backbone_overrides):
+         local_files_only: bool = False, mesh=None, rules=None, **backbone_overrides):
   """``(model, params)`` for an HF model directory or hub id ``path``.
 
   A hub id (``"org/name"``) resolves through ``huggingface_hub``'s local
@@ -125,10 +126,23 @@ def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] 
   ``attention_impl="xla"``, ``dtype="bfloat16"``, ``dropout=0.1``).
   ``params`` is the plain ``params`` collection: ``model.apply({"params":
   params}, ...)``.
+
+  ``mesh`` + ``rules`` (flax logical-axis rules, e.g.
+  ``datong.train.sharding.RULES``): every parameter is built directly with
+  its target ``NamedSharding`` from the memory-mapped file, each device
+  reading only its shard, and the pages read are let go after each
+  parameter (``hf.placement``); host memory stays near the placed shards
+  plus one tensor. Float32 checkpoints convert as views of the file;
+  other dtypes, ``scan_layers=True`` stacks and patch kernels are copied
+  on the host before placement.
   """
+  if (mesh is None) != (rules is None):
+    raise ValueError("hf.load: pass mesh and rules together (rules: flax logical-axis rules "
+                     "such as datong.train.sharding.RULES), or neither for a whole load.")
   path = resolve(path, revision=revision, cache_dir=cache_dir,
                  local_files_only=local_files_only)
-  config, tensors = read_checkpoint(path)
+  files = MappedFiles() if mesh is not None else None
+  config, tensors = read_checkpoint(path, files)
   archs = config.get("architectures") or []
   if not archs:
     raise UnsupportedError(f"{path}: config.json has no 'architectures' entry; call a "
@@ -138,7 +152,10 @@ def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] 
     raise UnsupportedError(f"{path}: architecture {arch!r} (model_type "
                            f"{config.get('model_type')!r}) is not supported; "
                            f"supported: {', '.join(SUPPORTED)}.")
-  return _LOADERS[arch](config, State(tensors, arch), **backbone_overrides)
+  state = State(tensors, arch)
+  if mesh is not None:
+    state.placement = (mesh, rules, files.release)
+  return _LOADERS[arch](config, state, **backbone_overrides)
 
 
 def save(model: nn.Module, params, path: str) -> str:

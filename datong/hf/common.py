@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong.backbone import TransformerConfig
+from datong.hf import placement
 
 
 class UnsupportedError(NotImplementedError):
@@ -40,6 +41,8 @@ class State:
       k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
       self.tensors[k] = np.asarray(v)
     self.used: set[str] = set()
+    # (mesh, rules, release) when ``hf.load`` places params onto a mesh.
+    self.placement = None
 
   def respell(self, rules) -> "State":
     """Rewrite every key by ``rules`` (``(regex, replacement)`` pairs, in order).
@@ -68,7 +71,8 @@ class State:
     if key not in self.tensors:
       raise KeyError(f"{self.arch} checkpoint has no tensor {key!r}")
     self.used.add(key)
-    arr = self.tensors[key].astype(np.float32)
+    # No copy for float32 (a memory-mapped file stays a view until placed).
+    arr = self.tensors[key].astype(np.float32, copy=False)
     if shape is not None and tuple(arr.shape) != tuple(shape):
       raise ValueError(f"{self.arch}: tensor {key} has shape {arr.shape}, expected {tuple(shape)}")
     return arr
@@ -217,6 +221,10 @@ def finish(model: nn.Module, params: dict, example_args: tuple, state: State):
                      f"wrong shapes {[(k, got[k], want[k]) for k in shapes[:5]]}. "
                      "Did a Datong module rename a parameter?")
   dtype = param_dtype(model)
+  if state.placement is not None:
+    mesh, rules, release = state.placement
+    return placement.place(params, placement.target_shardings(model, example_args, mesh, rules),
+                           dtype, release)
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
