@@ -59,3 +59,19 @@ def test_mesh_without_rules_is_named(tmp_path, mesh):
   hf.save(model, params, str(tmp_path))
   with pytest.raises(ValueError, match="pass mesh and rules together"):
     hf.load(str(tmp_path), mesh=mesh)
+
+
+def test_hf_load_bench_smoke_reports_every_case(tmp_path):
+  """bench/hf_load.py --smoke: each case loads in a fresh process, the FSDP
+  case with every parameter split and no more peak memory than the whole load."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "bench"))
+  import hf_load
+  rows = {r["case"]: r for r in hf_load.main(["--smoke", "--dir", str(tmp_path / "ckpt")])}
+  assert set(rows) == {"whole", "whole+put", "fsdp"}
+  assert rows["fsdp"]["sharded_leaves"] == rows["fsdp"]["leaves"] > 0
+  assert rows["whole"]["sharded_leaves"] == 0
+  assert rows["fsdp"]["param_mb"] == rows["whole"]["param_mb"]
+  assert all(r["seconds"] > 0 and r["peak_rss_mb"] >= r["base_rss_mb"] for r in rows.values())
