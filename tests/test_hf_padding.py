@@ -130,3 +130,46 @@ def test_attention_mask_of_the_wrong_shape_is_named():
   ids = jnp.zeros((2, 6), jnp.int32)
   with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\).*\[batch, 6\]"):
     model.init(jax.random.PRNGKey(0), ids, attention_mask=jnp.ones((2, 5)))
+
+
+def _sown_attentions(model, params, *args, **kw):
+  """Every layer's attention probabilities ``[batch, heads, q, kv]``, in layer order."""
+  from datong.backbone import WEIGHTS_COLLECTION
+  fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=[WEIGHTS_COLLECTION], **kw))
+  _, state = fn(params, *args)
+  found = {jax.tree_util.keystr(path): leaf for path, leaf in
+           jax.tree_util.tree_flatten_with_path(state[WEIGHTS_COLLECTION])[0]}
+  layer = lambda key: int(key.split("layer_")[1].split("'")[0])
+  return [found[k] for k in sorted(found, key=layer)]
+
+
+@pytest.mark.parametrize("family", ["bert", "clip_text"])
+def test_padded_attention_probabilities_match_hf(torch_hf, tmp_path, family):
+  """HF's ``attentions`` (its eager path, the one that returns them): every row
+  here sees at least one real key, where HF's eager and sdpa paths agree."""
+  torch, T = torch_hf
+  rs = np.random.RandomState(3)
+  mask = MASK.copy()
+  mask[0, :3] = 1  # right padding only: a causal left-padded row would see no real key
+  mask[0, 8:] = 0
+  if family == "bert":
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = _ids(rs, 4, 61, pad_id=3, mask=mask)
+  else:
+    cfg = T.CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, vocab_size=61, max_position_embeddings=16,
+                           bos_token_id=59, eos_token_id=60, pad_token_id=1)
+    ids = np.where(mask == 1, rs.randint(2, 59, mask.shape), 60)
+  cfg._attn_implementation = "eager"
+  ref = _randomize(torch, (T.BertModel if family == "bert" else T.CLIPTextModel)(cfg))
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              output_attentions=True)
+  model, params = hf.load(_save(ref, tmp_path / family))
+  ours = _sown_attentions(model, params, jnp.asarray(ids, jnp.int32),
+                          attention_mask=jnp.asarray(mask, jnp.int32))
+  assert len(ours) == len(out.attentions) == 2
+  for i, (a, b) in enumerate(zip(ours, out.attentions)):
+    check(f"{family} attentions[{i}]", a, _np(b))
