@@ -1,12 +1,21 @@
 """Hugging Face checkpoints <-> Datong models, without torch.
 
-Reads a local Hugging Face model directory (``config.json`` +
-``model.safetensors``, or shards listed in ``model.safetensors.index.json``),
-maps the config to Datong's config dataclasses, converts the weights and
-returns the Datong model with its ``params`` collection::
+Reads a Hugging Face model directory (``config.json`` +
+``model.safetensors``, or shards listed in ``model.safetensors.index.json``)
+or a hub id (``hub.resolve``: huggingface_hub's local cache first, at a
+``revision``), maps the config to Datong's config dataclasses, converts the
+weights and returns the Datong model with its ``params`` collection::
 
     model, params = datong.hf.load("path/to/gpt2")
-    logits, aux = model.apply({"params": params}, ids)
+    logits, aux = model.apply({"params": params}, ids, attention_mask=mask)
+    tokenizer = datong.hf.load_tokenizer("path/to/gpt2")
+    model, params = datong.hf.load("org/name", mesh=mesh, rules=rules)  # sharded
+
+Text models take HF's ``attention_mask`` and equal HF at every position,
+padded ones included; position tables at a new resolution use torch's
+bicubic (``ops.posemb``), as HF's ``interpolate_pos_encoding``. With
+``mesh`` and ``rules`` each parameter is placed shard by shard from the
+memory-mapped file (``hf.placement``).
 
 Supported ``architectures`` (the first entry of ``config.json``'s list), one
 module per family:
