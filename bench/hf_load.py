@@ -3,8 +3,9 @@
     python bench/hf_load.py                  # GPT-2 medium size (355M params, 1.42 GB)
     python bench/hf_load.py --smoke          # a tiny GPT-2 (CI)
 
-Writes a random GPT-2-shaped float32 checkpoint (``GPT2LMHeadModel``, tied
-head) to ``--dir`` (default /tmp/datong-hf-load-<size>; never committed),
+Writes a random GPT-2-shaped checkpoint (``GPT2LMHeadModel``, tied head;
+float32 or ``--dtype bfloat16``) to ``--dir`` (default
+/tmp/datong-hf-load-<size>-<dtype>; never committed),
 streamed tensor by tensor, then loads it in a fresh subprocess per case,
 with 8 fake CPU devices:
 
@@ -56,9 +57,13 @@ def gpt2_shapes(c: dict) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def write_checkpoint(path: str, c: dict) -> int:
-  """A random float32 GPT-2 checkpoint, one tensor in memory at a time; its bytes."""
+def write_checkpoint(path: str, c: dict, dtype: str = "float32") -> int:
+  """A random GPT-2 checkpoint, one tensor in memory at a time; its bytes."""
+  import ml_dtypes
   import numpy as np
+  np_dtype, code = {"float32": (np.float32, "F32"),
+                    "bfloat16": (ml_dtypes.bfloat16, "BF16")}[dtype]
+  itemsize = np.dtype(np_dtype).itemsize
   os.makedirs(path, exist_ok=True)
   config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
@@ -68,8 +73,8 @@ def write_checkpoint(path: str, c: dict) -> int:
   shapes = gpt2_shapes(c)
   header, offset = {"__metadata__": {"format": "pt"}}, 0
   for name in sorted(shapes):
-    size = 4 * int(np.prod(shapes[name]))
-    header[name] = {"dtype": "F32", "shape": list(shapes[name]),
+    size = itemsize * int(np.prod(shapes[name]))
+    header[name] = {"dtype": code, "shape": list(shapes[name]),
                     "data_offsets": [offset, offset + size]}
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -79,7 +84,8 @@ def write_checkpoint(path: str, c: dict) -> int:
     for i, name in enumerate(sorted(shapes)):
       rng = np.random.default_rng(i)
       scale = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.02
-      f.write((rng.standard_normal(shapes[name], dtype=np.float32) * scale).tobytes())
+      f.write((rng.standard_normal(shapes[name], dtype=np.float32) * scale)
+              .astype(np_dtype).tobytes())
   return offset
 
 
@@ -129,16 +135,18 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--smoke", action="store_true", help="a tiny GPT-2 (CI)")
   ap.add_argument("--dir", default=None, help="checkpoint directory (written if missing)")
   ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the checkpoint's dtype (parameters load as float32)")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   size = "smoke" if args.smoke else "medium"
-  path = args.dir or f"/tmp/datong-hf-load-{size}"
+  path = args.dir or f"/tmp/datong-hf-load-{size}-{args.dtype}"
   if args.child:
     print(json.dumps(child(args.child, path)))
     return []
   if not os.path.isfile(os.path.join(path, "model.safetensors")):
     t = time.perf_counter()
-    nbytes = write_checkpoint(path, SIZES[size])
+    nbytes = write_checkpoint(path, SIZES[size], args.dtype)
     print(f"wrote {path} ({nbytes / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
   rows = [run_case(case, path) for case in args.cases.split(",")]
   print(f"{'case':<10} {'load s':>7} {'peak RSS MiB':>13} {'after imports':>14} "

@@ -54,6 +54,29 @@ def test_sharded_load_places_every_tensor_and_equals_the_whole_load(tmp_path, me
     assert tuple(sharded["['encoder']['embed']['embedding']"].sharding.spec) == (None, "fsdp")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sharded_load_of_a_16_bit_checkpoint_casts_per_shard(tmp_path, mesh, monkeypatch, dtype):
+  """16-bit tensors stay views of the file and are cast per shard: the result
+  equals the whole load (which casts every tensor up front)."""
+  import ml_dtypes
+  model, params = _tiny_gpt(tie=False)
+  hf.save(model, params, str(tmp_path))
+  file = str(tmp_path / "model.safetensors")
+  low = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+  hf.write_safetensors(file, {k: v.astype(low) for k, v in hf.read_safetensors(file).items()})
+  _, whole = hf.load(str(tmp_path))
+  monkeypatch.setattr(hf.State, "VIEW_MIN_BYTES", 0)  # every tensor of the tiny model
+  seen = []
+  real_place = hf.placement.place
+  monkeypatch.setattr(hf.placement, "place", lambda p, *a: seen.extend(
+      np.asarray(x).dtype for x in jax.tree.leaves(p)) or real_place(p, *a))
+  _, sharded = hf.load(str(tmp_path), mesh=mesh, rules=RULES)
+  assert low in seen  # the converted tree really held the file's 16-bit views
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, sharded),
+               jax.tree.map(np.asarray, whole))
+  assert {x.dtype for x in jax.tree.leaves(sharded)} == {np.dtype(np.float32)}
+
+
 def test_mesh_without_rules_is_named(tmp_path, mesh):
   model, params = _tiny_gpt()
   hf.save(model, params, str(tmp_path))

@@ -141,9 +141,9 @@ def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] 
   its target ``NamedSharding`` from the memory-mapped file, each device
   reading only its shard, and the pages read are let go after each
   parameter (``hf.placement``); host memory stays near the placed shards
-  plus one tensor. Float32 checkpoints convert as views of the file;
-  other dtypes, ``scan_layers=True`` stacks and patch kernels are copied
-  on the host before placement.
+  plus one tensor. Float32 and large 16-bit tensors convert as views of
+  the file (16-bit ones are cast per shard); ``scan_layers=True`` stacks
+  and patch kernels are copied on the host before placement.
   """
   if (mesh is None) != (rules is None):
     raise ValueError("hf.load: pass mesh and rules together (rules: flax logical-axis rules "

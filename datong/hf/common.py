@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from datong.backbone import TransformerConfig
@@ -32,6 +33,10 @@ class State:
 
   # Buffers that are not weights (older transformers versions saved them).
   IGNORED = (".attn.bias", ".attn.masked_bias", "position_ids")
+  # When placing onto a mesh, 16-bit float tensors at least this large stay
+  # views of the mapped file (cast per shard at placement); smaller ones,
+  # which a family may add to others (cls + pos[0]), become float32 here.
+  VIEW_MIN_BYTES = 1 << 20
 
   def __init__(self, tensors: Mapping[str, np.ndarray], arch: str):
     self.arch = arch
@@ -71,8 +76,11 @@ class State:
     if key not in self.tensors:
       raise KeyError(f"{self.arch} checkpoint has no tensor {key!r}")
     self.used.add(key)
-    # No copy for float32 (a memory-mapped file stays a view until placed).
-    arr = self.tensors[key].astype(np.float32, copy=False)
+    arr = self.tensors[key]
+    lazy = (self.placement is not None and arr.nbytes >= self.VIEW_MIN_BYTES
+            and arr.dtype in (np.float16, ml_dtypes.bfloat16))
+    if not lazy:  # no copy for float32: a mapped file stays a view until placed
+      arr = arr.astype(np.float32, copy=False)
     if shape is not None and tuple(arr.shape) != tuple(shape):
       raise ValueError(f"{self.arch}: tensor {key} has shape {arr.shape}, expected {tuple(shape)}")
     return arr
