@@ -173,3 +173,24 @@ def test_padded_attention_probabilities_match_hf(torch_hf, tmp_path, family):
   assert len(ours) == len(out.attentions) == 2
   for i, (a, b) in enumerate(zip(ours, out.attentions)):
     check(f"{family} attentions[{i}]", a, _np(b))
+
+
+def test_gpt_attention_mask_with_a_kv_cache_equals_the_full_forward():
+  """Decoding token by token with HF's mask over the cache slots gives the
+  logits of one masked forward over the whole (left-padded) sequence."""
+  from datong.backbone import init_cache
+  from test_hf import _tiny_gpt
+  model, params = _tiny_gpt()
+  ids = jnp.asarray(_ids(np.random.RandomState(4), 8, 61, pad_id=7), jnp.int32)
+  mask = jnp.asarray(MASK, jnp.int32)
+  full, _ = run(model, params, ids, attention_mask=mask)
+  step = jax.jit(lambda p, tok, cache, i: model.apply(
+      {"params": p}, tok, attention_mask=mask, cache=cache, cache_index=i))
+  cache = init_cache(model.config.resolved_backbone, 3, 10)
+  for t in range(10):
+    logits, aux = step(params, ids[:, t:t + 1], cache, t)
+    cache = aux["cache"]
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5, err_msg=str(t))
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 9\).*\[batch, 10\]"):
+    model.apply({"params": params}, ids[:, :1], attention_mask=mask[:, :9], cache=cache,
+                cache_index=0)
