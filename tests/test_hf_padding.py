@@ -4,9 +4,11 @@ Text models and towers take HF's ``attention_mask`` (a key mask ``[batch,
 length]``, 1 = real token). Rows are left padded, right padded and full, and
 the padding id differs from the config's ``pad_token_id`` (CLIP pads with
 its end-of-text id, as its real tokenizers do), so padding can only come
-from the mask. HF runs its default attention (``sdpa``: a query that sees no
-real key outputs zeros, as Datong's kernels do; HF's ``eager`` path instead
-averages every value there, so the two HF paths differ on such rows).
+from the mask. Checkpoints come in every spelling (hub, 5.x
+``save_pretrained``, 5.x ``state_dict()``; ``test_hf._spellings``). HF runs
+its default attention (``sdpa``: a query that sees no real key outputs
+zeros, as Datong's kernels do; HF's ``eager`` path instead averages every
+value there, so the two HF paths differ on such rows).
 """
 
 import jax
@@ -14,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_hf import _check_hidden_states, _np, _randomize, _save, check, run, torch_hf  # noqa: F401
+from test_hf import (_check_hidden_states, _load_every_spelling, _np, _randomize, _save,  # noqa: F401
+                     _spellings, check, run, torch_hf)
 
 from datong import hf
 
@@ -39,7 +42,9 @@ def test_gpt2_padded_positions_match_hf(torch_hf, tmp_path):
   with torch.no_grad():
     kw = dict(attention_mask=torch.tensor(MASK), output_hidden_states=True)
     out = ref(torch.tensor(ids), **kw)
-  model, params = hf.load(_save(ref, tmp_path / "gpt2"))
+  model, params = _load_every_spelling(_spellings(
+      torch, ref, tmp_path, "gpt2",
+      lambda m: m(torch.tensor(ids), attention_mask=torch.tensor(MASK)).logits))
   logits, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                     attention_mask=jnp.asarray(MASK, jnp.int32), return_layers=True)
   errs = {}
@@ -69,7 +74,10 @@ def test_bert_padded_positions_match_hf(torch_hf, tmp_path, arch):
   with torch.no_grad():
     out = ref(**kw)
     base = ref.bert(**kw) if arch == "BertForMaskedLM" else out
-  model, params = hf.load(_save(ref, tmp_path / "bert"))
+  model, params = _load_every_spelling(_spellings(
+      torch, ref, tmp_path, "bert",
+      lambda m: (m.bert if arch == "BertForMaskedLM" else m)(
+          input_ids=kw["input_ids"], attention_mask=kw["attention_mask"]).last_hidden_state))
   ours, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                   token_types=jnp.asarray(types, jnp.int32),
                   attention_mask=jnp.asarray(MASK, jnp.int32), return_layers=True)
@@ -111,7 +119,9 @@ def test_clip_text_padded_positions_match_hf(torch_hf, tmp_path):
   with torch.no_grad():
     out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(MASK),
               output_hidden_states=True)
-  model, params = hf.load(_save(ref, tmp_path / "clip_text"))
+  model, params = _load_every_spelling(_spellings(
+      torch, ref, tmp_path, "clip_text", lambda m: m(
+          input_ids=torch.tensor(ids), attention_mask=torch.tensor(MASK)).text_embeds))
   emb, aux = run(model, params, jnp.asarray(ids, jnp.int32),
                  attention_mask=jnp.asarray(MASK, jnp.int32), return_layers=True)
   errs = {}
