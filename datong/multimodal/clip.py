@@ -47,7 +47,8 @@ import numpy as np
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal import contrastive
 from datong.unimodal.encoders import check_image_encoder, head_param_dtype
-from datong.unimodal.text import TextConfig, key_mask, token_embedding
+from datong.ops.masks import key_mask
+from datong.unimodal.text import TextConfig, token_embedding
 
 TEXT_POOLS = ("eos", "cls", "mean")
 LOSSES = ("softmax", "sigmoid")

@@ -43,7 +43,7 @@ from datong.unimodal.tokenizers import ByteTokenizer
 
 __all__ = [
     "BERT", "GPT", "SequenceClassifier", "TextConfig", "TextEncoder", "TokenEmbedding", "causal_lm_loss",
-    "classification_loss", "cross_entropy", "key_mask", "mlm_loss", "mlm_mask", "token_embedding",
+    "classification_loss", "cross_entropy", "mlm_loss", "mlm_mask", "token_embedding",
 ]
 
 
@@ -143,22 +143,6 @@ def token_embedding(cfg: TextConfig, backbone: Optional[TransformerConfig] = Non
                         init_std=cfg.embed_init_std, name=name)
 
 
-def key_mask(attention_mask, kv_length: int, who: str):
-  """An HF-style ``attention_mask`` ``[batch, kv_length]`` (1 = real token) ->
-  the backbone's boolean key mask ``[batch, 1, 1, kv_length]``.
-
-  As in Hugging Face, only keys are masked: padded query rows still attend to
-  the real keys (causally, for causal models), and a row that sees no real
-  key outputs zero attention (torch's ``scaled_dot_product_attention``, HF's
-  default). Positions stay ``arange(length)``, as HF's forward.
-  """
-  if attention_mask.ndim != 2 or attention_mask.shape[1] != kv_length:
-    raise ValueError(f"{who}: attention_mask has shape {tuple(attention_mask.shape)}; pass a "
-                     f"[batch, {kv_length}] key mask (1 = real token, 0 = padding), as "
-                     "Hugging Face tokenizers return it.")
-  return attention_mask.astype(bool)[:, None, None, :]
-
-
 def _default_positions(ids, segment_ids, cache_index):
   if segment_ids is not None:
     return mask_ops.segment_positions(segment_ids)
@@ -195,7 +179,7 @@ class _Encoder(nn.Module):
     if attention_mask is not None:
       # With a cache the keys are the cache's slots ([depth, batch, max_len, ...]).
       kv_length = ids.shape[1] if cache is None else cache["k"].shape[2]
-      keys = key_mask(attention_mask, kv_length, "text model")
+      keys = mask_ops.key_mask(attention_mask, kv_length, "text model")
       mask = keys if mask is None else jnp.logical_and(mask, keys)
     if positions is None:
       positions = _default_positions(ids, segment_ids, cache_index)
@@ -254,13 +238,14 @@ class GPT(nn.Module):
 
   ``segment_ids`` isolate packed documents (positions then restart per
   segment). ``attention_mask`` ``[batch, length]`` (1 = real token) is
-  Hugging Face's key mask (``key_mask``): every position, padded ones
-  included, equals HF's GPT-2, left or right padded. For decoding pass
-  ``cache`` / ``cache_index`` (see ``init_cache``) and optionally a boolean key ``mask`` ``[batch, 1, 1,
-  cache_length]``; ``aux["cache"]`` is the updated cache. ``aux["hidden"]``
-  is the final hidden state, ``aux["embedded"]`` the backbone's input and,
-  with ``return_layers``, ``aux["layers"]`` every block's output. Logits are
-  float32.
+  Hugging Face's key mask (``ops.masks.key_mask``): every position, padded
+  ones included, equals HF's GPT-2, left or right padded. For decoding pass
+  ``cache`` / ``cache_index`` (see ``init_cache``) and optionally a boolean
+  key ``mask`` ``[batch, 1, 1, cache_length]`` (or ``attention_mask``
+  ``[batch, cache_length]``); ``aux["cache"]`` is the updated cache.
+  ``aux["hidden"]`` is the final hidden state, ``aux["embedded"]`` the
+  backbone's input and, with ``return_layers``, ``aux["layers"]`` every
+  block's output. Logits are float32.
   """
   config: TextConfig
 
