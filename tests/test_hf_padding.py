@@ -204,3 +204,37 @@ def test_gpt_attention_mask_with_a_kv_cache_equals_the_full_forward():
   with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 9\).*\[batch, 10\]"):
     model.apply({"params": params}, ids[:, :1], attention_mask=mask[:, :9], cache=cache,
                 cache_index=0)
+
+
+def test_clip_model_with_attention_mask_matches_hf(torch_hf, tmp_path):
+  """``CLIP(images, ids, attention_mask=...)``: the text embeddings and
+  ``logits_per_image`` of HF's ``CLIPModel`` on EOS-padded captions."""
+  torch, T = torch_hf
+  text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              vocab_size=61, max_position_embeddings=16, bos_token_id=59, eos_token_id=60,
+              pad_token_id=1)
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, image_size=16, patch_size=4)
+  ref = _randomize(torch, T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision,
+                                                   projection_dim=16)))
+  rs = np.random.RandomState(6)
+  mask = MASK.copy()
+  mask[0] = np.roll(mask[0], -3)  # CLIP pools at the first EOS: pad on the right here
+  ids = np.where(mask == 1, rs.randint(2, 59, mask.shape), 60)
+  for row in range(3):
+    ids[row, 0], ids[row, mask[row].sum() - 1] = 59, 60
+  pixels = rs.randn(3, 3, 16, 16).astype(np.float32)
+  with torch.no_grad():
+    out = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+              attention_mask=torch.tensor(mask))
+  model, params = hf.load(_save(ref, tmp_path / "clip"))
+  img, txt, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                      jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32))
+  check("text_embeds", txt, _np(out.text_embeds))
+  check("image_embeds", img, _np(out.image_embeds))
+  check("logits_per_image", aux["scale"] * img @ txt.T, _np(out.logits_per_image))
+  # Causal attention pooled at the first EOS never sees right padding, so the
+  # embedding is the same without the mask (its padded positions are not).
+  _, txt_nomask, _ = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                         jnp.asarray(ids, jnp.int32))
+  check("text_embeds, EOS pooled before any padding", txt_nomask, _np(out.text_embeds))
