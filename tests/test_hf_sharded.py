@@ -77,6 +77,27 @@ def test_sharded_load_of_a_16_bit_checkpoint_casts_per_shard(tmp_path, mesh, mon
   assert {x.dtype for x in jax.tree.leaves(sharded)} == {np.dtype(np.float32)}
 
 
+def test_sharded_load_with_scanned_layers_stacks_per_shard(tmp_path, mesh, monkeypatch):
+  """``scan_layers=True``: the stacked ``[depth, ...]`` parameters are built
+  shard by shard (never whole on the host) and equal the whole scanned load."""
+  model, params = _tiny_gpt()
+  hf.save(model, params, str(tmp_path))
+  _, whole = hf.load(str(tmp_path), scan_layers=True)
+  kinds = set()
+  real_place = hf.placement.place
+  monkeypatch.setattr(hf.placement, "place", lambda p, *a: kinds.update(
+      type(x).__name__ for x in jax.tree.leaves(p)) or real_place(p, *a))
+  _, sharded = hf.load(str(tmp_path), mesh=mesh, rules=RULES, scan_layers=True)
+  assert "LazyStack" in kinds
+  whole, sharded = _leaves(whole), _leaves(sharded)
+  assert whole.keys() == sharded.keys()
+  for key, arr in sharded.items():
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(whole[key]), err_msg=key)
+  query = sharded["['encoder']['backbone']['layers']['attention']['query']['kernel']"]
+  assert query.shape == (2, 32, 4, 8)  # [layers, embed, heads, kv]
+  assert tuple(query.sharding.spec) == (None, "fsdp", "tensor", None)
+
+
 def test_mesh_without_rules_is_named(tmp_path, mesh):
   model, params = _tiny_gpt()
   hf.save(model, params, str(tmp_path))

@@ -92,7 +92,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from datong.hf import bert, clip, gpt2, swin, vit, vit_mae
+from datong.hf import bert, clip, gpt2, placement, swin, vit, vit_mae
 from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
@@ -142,8 +142,8 @@ def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] 
   reading only its shard, and the pages read are let go after each
   parameter (``hf.placement``); host memory stays near the placed shards
   plus one tensor. Float32 and large 16-bit tensors convert as views of
-  the file (16-bit ones are cast per shard); ``scan_layers=True`` stacks
-  and patch kernels are copied on the host before placement.
+  the file (16-bit ones are cast per shard), ``scan_layers=True`` stacks
+  are built per shard; patch kernels are copied on the host.
   """
   if (mesh is None) != (rules is None):
     raise ValueError("hf.load: pass mesh and rules together (rules: flax logical-axis rules "
@@ -162,9 +162,14 @@ def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] 
                            f"{config.get('model_type')!r}) is not supported; "
                            f"supported: {', '.join(SUPPORTED)}.")
   state = State(tensors, arch)
-  if mesh is not None:
-    state.placement = (mesh, rules, files.release)
-  return _LOADERS[arch](config, state, **backbone_overrides)
+  if mesh is None:
+    return _LOADERS[arch](config, state, **backbone_overrides)
+  state.placement = (mesh, rules, files.release)
+  token = placement.LAZY_STACKS.set(True)
+  try:
+    return _LOADERS[arch](config, state, **backbone_overrides)
+  finally:
+    placement.LAZY_STACKS.reset(token)
 
 
 def save(model: nn.Module, params, path: str) -> str:

@@ -182,7 +182,8 @@ def put_block(state: dict, c: Mapping[str, np.ndarray], prefix: str, names: Mapp
 def backbone_params(layers: list[dict], cfg: TransformerConfig, final_norm=None) -> dict:
   """Per-layer dicts -> the backbone's params (stacked under ``layers`` when scanned)."""
   if cfg.scan_layers:
-    out = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+    stack = placement.LazyStack if placement.LAZY_STACKS.get() else (lambda xs: np.stack(xs))
+    out = {"layers": jax.tree.map(lambda *xs: stack(xs), *layers)}
   else:
     out = {f"layer_{i}": layer for i, layer in enumerate(layers)}
   if final_norm is not None:

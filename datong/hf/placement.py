@@ -5,6 +5,7 @@
 where the layout change allows (transposes, head splits, GPT-2's fused q/k/v
 slices), and builds each parameter with ``jax.make_array_from_callback``:
 every device's callback reads only its own shard of the converted view.
+Scanned layers (``scan_layers=True``) are stacked per shard (``LazyStack``).
 After each parameter the pages read are released, so host memory holds the
 placed shards plus about one tensor, not the whole file.
 
@@ -18,10 +19,34 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import contextvars
+
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+# Set while ``hf.load`` converts for a mesh: scanned layers are then stacked
+# lazily (``LazyStack``) instead of copied into one host array per leaf.
+LAZY_STACKS = contextvars.ContextVar("datong_hf_lazy_stacks", default=False)
+
+
+class LazyStack:
+  """``np.stack(parts)`` that is never built whole: indexing stacks only the
+  requested block of each requested part (one device's shard)."""
+
+  def __init__(self, parts: Sequence[np.ndarray]):
+    self.parts = tuple(parts)
+    self.shape = (len(self.parts),) + tuple(np.shape(self.parts[0]))
+    self.dtype = np.asarray(self.parts[0]).dtype
+
+  def __getitem__(self, index):
+    index = index if isinstance(index, tuple) else (index,)
+    first, rest = (index[0], index[1:]) if index else (slice(None), ())
+    if isinstance(first, (int, np.integer)):
+      return np.asarray(self.parts[first])[rest]
+    return np.stack([np.asarray(p)[rest] for p in self.parts[first]])
 
 
 def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
@@ -51,7 +76,7 @@ def place(params: Any, shardings: Any, dtype, release: Callable[[], None]) -> An
   dtype = np.dtype(dtype)
 
   def one(leaf, sharding):
-    leaf = np.asarray(leaf)
+    leaf = leaf if isinstance(leaf, LazyStack) else np.asarray(leaf)
     arr = jax.make_array_from_callback(
         leaf.shape, sharding, lambda index: np.array(leaf[index], dtype=dtype))
     release()
