@@ -1,12 +1,21 @@
 """Hugging Face checkpoints <-> Datong models, without torch.
 
-Reads a local Hugging Face model directory (``config.json`` +
-``model.safetensors``, or shards listed in ``model.safetensors.index.json``),
-maps the config to Datong's config dataclasses, converts the weights and
-returns the Datong model with its ``params`` collection::
+Reads a Hugging Face model directory (``config.json`` +
+``model.safetensors``, or shards listed in ``model.safetensors.index.json``)
+or a hub id (``hub.resolve``: huggingface_hub's local cache first, at a
+``revision``), maps the config to Datong's config dataclasses, converts the
+weights and returns the Datong model with its ``params`` collection::
 
     model, params = datong.hf.load("path/to/gpt2")
-    logits, aux = model.apply({"params": params}, ids)
+    logits, aux = model.apply({"params": params}, ids, attention_mask=mask)
+    tokenizer = datong.hf.load_tokenizer("path/to/gpt2")
+    model, params = datong.hf.load("org/name", mesh=mesh, rules=rules)  # sharded
+
+Text models take HF's ``attention_mask`` and equal HF at every position,
+padded ones included; position tables at a new resolution use torch's
+bicubic (``ops.posemb``), as HF's ``interpolate_pos_encoding``. With
+``mesh`` and ``rules`` each parameter is placed shard by shard from the
+memory-mapped file (``hf.placement``).
 
 Supported ``architectures`` (the first entry of ``config.json``'s list), one
 module per family:
@@ -77,18 +86,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from datong.hf import bert, clip, gpt2, swin, vit, vit_mae
+from datong.hf import bert, clip, gpt2, placement, swin, vit, vit_mae
 from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
 from datong.hf.gpt2 import load_gpt2
-from datong.hf.safetensors import read_checkpoint, read_safetensors, write_safetensors
+from datong.hf.hub import load_tokenizer, resolve
+from datong.hf.safetensors import (MappedFiles, read_checkpoint, read_safetensors,
+                                   write_safetensors)
 from datong.hf.vit import load_vit
 from datong.hf.vit_mae import load_vit_mae, mae_masking
 # Config translations alone, reachable as hf.<name> as before the split.
@@ -101,7 +112,7 @@ from datong.hf.vit_mae import vit_mae_config  # noqa: F401
 __all__ = [
     "UnsupportedError", "load", "load_gpt2", "load_bert", "load_vit", "load_vit_mae",
     "load_clip", "load_clip_text", "mae_masking", "save", "read_checkpoint",
-    "read_safetensors", "write_safetensors", "SUPPORTED",
+    "read_safetensors", "write_safetensors", "SUPPORTED", "load_tokenizer", "resolve",
 ]
 
 # The one registry: HF architecture name -> family loader, Datong model class
@@ -113,15 +124,34 @@ _EXPORTERS = tuple((cls, getattr(family, "EXPORT_CONFIGS", None), family.export)
 SUPPORTED = tuple(_LOADERS)
 
 
-def load(path: str, **backbone_overrides):
-  """``(model, params)`` for the HF model directory ``path``.
+def load(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+         local_files_only: bool = False, mesh=None, rules=None, **backbone_overrides):
+  """``(model, params)`` for an HF model directory or hub id ``path``.
 
-  ``backbone_overrides`` go to every ``TransformerConfig`` built (e.g.
-  ``scan_layers=True``, ``attention_impl="xla"``, ``dtype="bfloat16"``,
-  ``dropout=0.1``). ``params`` is the plain ``params`` collection:
-  ``model.apply({"params": params}, ...)``.
+  A hub id (``"org/name"``) resolves through ``huggingface_hub``'s local
+  cache first, at ``revision``, and downloads only when it is not cached and
+  the hub may be reached (``hub.resolve``). ``backbone_overrides`` go to
+  every ``TransformerConfig`` built (e.g. ``scan_layers=True``,
+  ``attention_impl="xla"``, ``dtype="bfloat16"``, ``dropout=0.1``).
+  ``params`` is the plain ``params`` collection: ``model.apply({"params":
+  params}, ...)``.
+
+  ``mesh`` + ``rules`` (flax logical-axis rules, e.g.
+  ``datong.train.sharding.RULES``): every parameter is built directly with
+  its target ``NamedSharding`` from the memory-mapped file, each device
+  reading only its shard, and the pages read are let go after each
+  parameter (``hf.placement``); host memory stays near the placed shards
+  plus one tensor. Float32 and large 16-bit tensors convert as views of
+  the file (16-bit ones are cast per shard), ``scan_layers=True`` stacks
+  are built per shard; patch kernels are copied on the host.
   """
-  config, tensors = read_checkpoint(path)
+  if (mesh is None) != (rules is None):
+    raise ValueError("hf.load: pass mesh and rules together (rules: flax logical-axis rules "
+                     "such as datong.train.sharding.RULES), or neither for a whole load.")
+  path = resolve(path, revision=revision, cache_dir=cache_dir,
+                 local_files_only=local_files_only)
+  files = MappedFiles() if mesh is not None else None
+  config, tensors = read_checkpoint(path, files)
   archs = config.get("architectures") or []
   if not archs:
     raise UnsupportedError(f"{path}: config.json has no 'architectures' entry; call a "
@@ -131,7 +161,15 @@ def load(path: str, **backbone_overrides):
     raise UnsupportedError(f"{path}: architecture {arch!r} (model_type "
                            f"{config.get('model_type')!r}) is not supported; "
                            f"supported: {', '.join(SUPPORTED)}.")
-  return _LOADERS[arch](config, State(tensors, arch), **backbone_overrides)
+  state = State(tensors, arch)
+  if mesh is None:
+    return _LOADERS[arch](config, state, **backbone_overrides)
+  state.placement = (mesh, rules, files.release)
+  token = placement.LAZY_STACKS.set(True)
+  try:
+    return _LOADERS[arch](config, state, **backbone_overrides)
+  finally:
+    placement.LAZY_STACKS.reset(token)
 
 
 def save(model: nn.Module, params, path: str) -> str:

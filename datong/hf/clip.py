@@ -59,9 +59,10 @@ def _ids(tc: Mapping) -> tuple[int, int]:
 
   HF pools at the first ``eos_token_id``, or (legacy configs with
   ``eos_token_id == 2``) at the largest id, which for CLIP's tokenizer is
-  its end-of-text token ``vocab_size - 1``. Datong treats ``pad_id`` tokens
-  as padding (HF does not without an attention mask): it must differ from
-  the EOS id.
+  its end-of-text token ``vocab_size - 1``. Without an ``attention_mask``
+  Datong treats ``pad_id`` tokens as padding (HF does not): it must differ
+  from the EOS id. With HF's ``attention_mask`` only the mask says what is
+  padding, as in HF (real CLIP tokenizers pad with the EOS id).
   """
   vocab = tc.get("vocab_size", 49408)
   eos = tc.get("eos_token_id", 49407)

@@ -17,9 +17,11 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from datong.backbone import TransformerConfig
+from datong.hf import placement
 
 
 class UnsupportedError(NotImplementedError):
@@ -31,6 +33,10 @@ class State:
 
   # Buffers that are not weights (older transformers versions saved them).
   IGNORED = (".attn.bias", ".attn.masked_bias", "position_ids")
+  # When placing onto a mesh, 16-bit float tensors at least this large stay
+  # views of the mapped file (cast per shard at placement); smaller ones,
+  # which a family may add to others (cls + pos[0]), become float32 here.
+  VIEW_MIN_BYTES = 1 << 20
 
   def __init__(self, tensors: Mapping[str, np.ndarray], arch: str):
     self.arch = arch
@@ -40,6 +46,8 @@ class State:
       k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
       self.tensors[k] = np.asarray(v)
     self.used: set[str] = set()
+    # (mesh, rules, release) when ``hf.load`` places params onto a mesh.
+    self.placement = None
 
   def respell(self, rules) -> "State":
     """Rewrite every key by ``rules`` (``(regex, replacement)`` pairs, in order).
@@ -68,7 +76,11 @@ class State:
     if key not in self.tensors:
       raise KeyError(f"{self.arch} checkpoint has no tensor {key!r}")
     self.used.add(key)
-    arr = self.tensors[key].astype(np.float32)
+    arr = self.tensors[key]
+    lazy = (self.placement is not None and arr.nbytes >= self.VIEW_MIN_BYTES
+            and arr.dtype in (np.float16, ml_dtypes.bfloat16))
+    if not lazy:  # no copy for float32: a mapped file stays a view until placed
+      arr = arr.astype(np.float32, copy=False)
     if shape is not None and tuple(arr.shape) != tuple(shape):
       raise ValueError(f"{self.arch}: tensor {key} has shape {arr.shape}, expected {tuple(shape)}")
     return arr
@@ -170,7 +182,8 @@ def put_block(state: dict, c: Mapping[str, np.ndarray], prefix: str, names: Mapp
 def backbone_params(layers: list[dict], cfg: TransformerConfig, final_norm=None) -> dict:
   """Per-layer dicts -> the backbone's params (stacked under ``layers`` when scanned)."""
   if cfg.scan_layers:
-    out = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+    stack = placement.LazyStack if placement.LAZY_STACKS.get() else (lambda xs: np.stack(xs))
+    out = {"layers": jax.tree.map(lambda *xs: stack(xs), *layers)}
   else:
     out = {f"layer_{i}": layer for i, layer in enumerate(layers)}
   if final_norm is not None:
@@ -217,6 +230,10 @@ def finish(model: nn.Module, params: dict, example_args: tuple, state: State):
                      f"wrong shapes {[(k, got[k], want[k]) for k in shapes[:5]]}. "
                      "Did a Datong module rename a parameter?")
   dtype = param_dtype(model)
+  if state.placement is not None:
+    mesh, rules, release = state.placement
+    return placement.place(params, placement.target_shardings(model, example_args, mesh, rules),
+                           dtype, release)
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 

@@ -8,6 +8,7 @@ no torch is needed.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from typing import Any, Mapping, Optional
@@ -93,6 +94,43 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+class MappedFiles:
+  """Read-only memory maps of checkpoint files, whose pages can be let go.
+
+  Arrays from ``map_safetensors`` are views into these maps: nothing is read
+  until touched, and ``release()`` (``madvise(MADV_DONTNEED)``) drops the
+  pages touched so far from this process (they stay in the OS page cache;
+  a later touch reads them again), so the resident set stays near what is
+  in use.
+  """
+
+  def __init__(self):
+    self.maps: list[mmap.mmap] = []
+
+  def release(self):
+    for m in self.maps:
+      if hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def map_safetensors(path: str, files: MappedFiles) -> dict[str, np.ndarray]:
+  """Every tensor of one ``.safetensors`` file as a read-only view into a
+  memory map (checked as ``read_safetensors`` checks). The map joins ``files``."""
+  file_size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    header = _header(path, f, file_size)
+    start = f.tell()  # the data follow the header
+    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  files.maps.append(data)
+  out = {}
+  for name, lo, hi in _check_entries(path, header, file_size - start):
+    info = header[name]
+    dtype = _DTYPES[info["dtype"]]
+    out[name] = np.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize,
+                              offset=start + lo).reshape(info["shape"])
+  return out
+
+
 def write_safetensors(path: str, tensors: Mapping[str, Any],
                       metadata: Optional[Mapping[str, str]] = None):
   """Write ``tensors`` (name -> array) as one ``.safetensors`` file."""
@@ -116,8 +154,14 @@ def write_safetensors(path: str, tensors: Mapping[str, Any],
       f.write(raw)
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """``(config dict, state dict)`` of a local HF model directory."""
+def read_checkpoint(path: str, files: Optional[MappedFiles] = None
+                    ) -> tuple[dict, dict[str, np.ndarray]]:
+  """``(config dict, state dict)`` of a local HF model directory.
+
+  With ``files`` the tensors are memory-mapped views (``map_safetensors``)
+  instead of copies read into memory.
+  """
+  read = read_safetensors if files is None else (lambda f: map_safetensors(f, files))
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -129,7 +173,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   single = os.path.join(path, "model.safetensors")
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(single):
-    return config, read_safetensors(single)
+    return config, read(single)
   if os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
       try:
@@ -139,7 +183,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
                          f"{type(e).__name__}: {e}).") from None
     state = {}
     for shard in sorted(set(weight_map.values())):
-      state.update(read_safetensors(os.path.join(path, shard)))
+      state.update(read(os.path.join(path, shard)))
     missing = sorted(set(weight_map) - set(state))
     if missing:
       raise ValueError(f"{path}: the index lists tensors no shard holds: {missing[:5]}")

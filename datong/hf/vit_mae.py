@@ -56,7 +56,8 @@ def vit_mae_config(config: Mapping, **backbone_overrides) -> MAEConfig:
       norm_eps=config.get("layer_norm_eps", 1e-12), kernel_init="xavier_uniform",
       **backbone_overrides)
   return MAEConfig(encoder=enc, decoder=dec, mask_ratio=config.get("mask_ratio", 0.75),
-                   norm_pix_loss=config.get("norm_pix_loss", False), decoder_posemb="learned")
+                   norm_pix_loss=config.get("norm_pix_loss", False), decoder_posemb="learned",
+                   decoder_pos_resize="sequence")
 
 
 def load(config: Mapping, state: State, **backbone_overrides):

@@ -47,6 +47,7 @@ import numpy as np
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal import contrastive
 from datong.unimodal.encoders import check_image_encoder, head_param_dtype
+from datong.ops.masks import key_mask
 from datong.unimodal.text import TextConfig, token_embedding
 
 TEXT_POOLS = ("eos", "cls", "mean")
@@ -153,16 +154,19 @@ class ImageTower(nn.Module):
     return contrastive.l2_normalize(z), {**aux, "projected": z}
 
 
-def text_pool(hidden, ids, *, pool: str, eos_id: int, pad_id: int):
+def text_pool(hidden, ids, *, pool: str, eos_id: int, pad_id: int, valid=None):
   """``[batch, length, width]`` -> ``[batch, width]`` at EOS, [CLS] (index 0) or mean.
 
-  EOS: the first ``eos_id`` of each row (the last position if a row has none).
-  Mean: over positions whose id is not ``pad_id``.
+  EOS: the first ``eos_id`` of each row (the last position if a row has none;
+  HF's rule too, so padding with the EOS id pools at the real EOS).
+  Mean: over ``valid`` positions (``[batch, length]``; default: ids that are
+  not ``pad_id``).
   """
   if pool == "cls":
     return hidden[:, 0]
   if pool == "mean":
-    valid = (ids != pad_id)[..., None].astype(jnp.float32)
+    valid = (ids != pad_id) if valid is None else valid.astype(bool)
+    valid = valid[..., None].astype(jnp.float32)
     return jnp.sum(hidden.astype(jnp.float32) * valid, 1) / jnp.maximum(jnp.sum(valid, 1), 1.0)
   is_eos = ids == eos_id
   index = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), ids.shape[1] - 1)
@@ -173,7 +177,11 @@ class TextTower(nn.Module):
   """Token ids ``[batch, length]`` -> ``(embeddings [batch, embed_dim], aux)``.
 
   Padding (``pad_id``) gets its own segment, so real tokens never attend to
-  it; with ``text_causal`` each token sees only earlier ones. ``aux``:
+  it; with ``text_causal`` each token sees only earlier ones. An HF-style
+  ``attention_mask`` ``[batch, length]`` (1 = real token) replaces ``pad_id``:
+  only the mask says what is padding (real CLIP tokenizers pad with the EOS
+  id), padded queries attend to real keys as in HF, and every position
+  equals HF's ``CLIPTextModel``. ``aux``:
   ``embedded`` (backbone input), ``encoded`` (its output), ``pooled``,
   ``projected`` (the head's output before normalization) and, with
   ``return_layers``, ``layers`` (every block's output). ``project=False``:
@@ -187,16 +195,21 @@ class TextTower(nn.Module):
   project: bool = True
 
   @nn.compact
-  def __call__(self, ids, *, train: bool = False, return_layers: bool = False):
+  def __call__(self, ids, *, attention_mask=None, train: bool = False,
+               return_layers: bool = False):
     cfg = self.config
     tc = cfg.text
     bb = cfg.text_backbone
     x = token_embedding(tc, bb, name="stem")(ids)
-    segment_ids = (ids != self.pad_id).astype(jnp.int32)
+    if attention_mask is None:
+      segment_ids, mask = (ids != self.pad_id).astype(jnp.int32), None
+    else:
+      segment_ids, mask = None, key_mask(attention_mask, ids.shape[1], "TextTower")
     backbone = self.backbone if self.backbone is not None else Transformer(bb, name="backbone")
-    hidden, aux = backbone(x, causal=cfg.text_causal, segment_ids=segment_ids, train=train,
-                           return_layers=return_layers)
-    pooled = text_pool(hidden, ids, pool=cfg.text_pool, eos_id=self.eos_id, pad_id=self.pad_id)
+    hidden, aux = backbone(x, causal=cfg.text_causal, segment_ids=segment_ids, mask=mask,
+                           train=train, return_layers=return_layers)
+    pooled = text_pool(hidden, ids, pool=cfg.text_pool, eos_id=self.eos_id, pad_id=self.pad_id,
+                       valid=attention_mask)
     aux = {**aux, "embedded": x, "encoded": hidden, "pooled": pooled}
     if not self.project:
       return pooled, aux
@@ -209,6 +222,7 @@ class CLIP(nn.Module):
 
   ``__call__(images, ids) -> (image_emb, text_emb, aux)`` with ``aux["scale"]``
   (``exp(log_scale)``, clipped) and ``aux["bias"]`` (0 for softmax).
+  ``attention_mask``: HF's key mask for the text tower (see ``TextTower``).
   ``encode_image`` / ``encode_text`` run one tower (``model.apply(...,
   method="encode_text")``).
   """
@@ -236,17 +250,17 @@ class CLIP(nn.Module):
   def encode_image(self, images, train: bool = False):
     return self.image(images, train=train)[0]
 
-  def encode_text(self, ids, train: bool = False):
-    return self.text(ids, train=train)[0]
+  def encode_text(self, ids, train: bool = False, attention_mask=None):
+    return self.text(ids, attention_mask=attention_mask, train=train)[0]
 
   def logit_params(self):
     scale = contrastive.logit_scale(self.log_scale, self.config.max_scale)
     bias = self.bias if self.config.loss == "sigmoid" else jnp.zeros((), jnp.float32)
     return scale, bias
 
-  def __call__(self, images, ids, train: bool = False):
+  def __call__(self, images, ids, train: bool = False, attention_mask=None):
     img, img_aux = self.image(images, train=train)
-    txt, txt_aux = self.text(ids, train=train)
+    txt, txt_aux = self.text(ids, attention_mask=attention_mask, train=train)
     scale, bias = self.logit_params()
     return img, txt, {"image": img_aux, "text": txt_aux, "scale": scale, "bias": bias}
 

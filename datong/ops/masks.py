@@ -32,6 +32,22 @@ def padding_mask(q_valid, kv_valid=None):
                           (kv_valid.shape[0], 1, q_valid.shape[1], kv_valid.shape[1]))
 
 
+def key_mask(attention_mask, kv_length: int, who: str):
+  """An HF-style ``attention_mask`` ``[batch, kv_length]`` (1 = real token) ->
+  the backbone's boolean key mask ``[batch, 1, 1, kv_length]``.
+
+  As in Hugging Face, only keys are masked: padded query rows still attend to
+  the real keys (causally, for causal models), and a row that sees no real
+  key outputs zero attention (torch's ``scaled_dot_product_attention``, HF's
+  default). Positions stay ``arange(length)``, as HF's forward.
+  """
+  if attention_mask.ndim != 2 or attention_mask.shape[1] != kv_length:
+    raise ValueError(f"{who}: attention_mask has shape {tuple(attention_mask.shape)}; pass a "
+                     f"[batch, {kv_length}] key mask (1 = real token, 0 = padding), as "
+                     "Hugging Face tokenizers return it.")
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
 def segment_mask(q_segment_ids, kv_segment_ids=None):
   """Tokens attend only within their own segment (packed documents)."""
   kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids

@@ -29,7 +29,7 @@ import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.ops.patches import grid_shape, pair, patchify, unpatchify
-from datong.ops.posemb import interpolate_2d, sincos_2d
+from datong.ops.posemb import interpolate_1d, interpolate_2d, sincos_2d
 from datong.unimodal.vision import ViTConfig, ViTEncoder
 
 
@@ -122,11 +122,17 @@ class MAEConfig:
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True  # per-patch normalized pixel targets
   decoder_posemb: str = "sincos"  # sincos | learned
+  # How a learned decoder table meets a new grid: "grid" (2-D bicubic, as the
+  # encoder's) or "sequence" (HF ViT-MAE: 1-D bicubic over the flattened table).
+  decoder_pos_resize: str = "grid"
 
   def __post_init__(self):
     num_masked(self.encoder.num_patches, self.mask_ratio)  # validates the ratio
     if self.decoder_posemb not in ("sincos", "learned"):
       raise ValueError(f"MAEConfig.decoder_posemb={self.decoder_posemb!r}: choose sincos or learned.")
+    if self.decoder_pos_resize not in ("grid", "sequence"):
+      raise ValueError(f"MAEConfig.decoder_pos_resize={self.decoder_pos_resize!r}: choose grid "
+                       "or sequence.")
     if self.encoder.mask_token:
       raise ValueError("MAEConfig.encoder.mask_token must be False: MAE's encoder never sees masks.")
 
@@ -136,15 +142,21 @@ class MAE(nn.Module):
 
   Masking is an input (see ``random_masking``) so the module stays pure.
   ``aux`` holds the encoder's aux (``encoded`` has ``n_keep`` (+1) tokens)
-  and ``decoded`` (the decoder output, image order, CLS dropped).
+  and ``decoded`` (the decoder output, image order, CLS dropped). With
+  ``return_layers``: the encoder's ``layers`` and the decoder's input
+  ``decoder_embedded`` and block outputs ``decoder_layers`` ``[depth, batch,
+  (1 +) n, width]`` (image order, CLS kept; before the decoder's final norm:
+  HF's decoder ``hidden_states``).
   """
   config: MAEConfig
 
   @nn.compact
-  def __call__(self, images, keep_indices, restore_indices, *, train: bool = False):
+  def __call__(self, images, keep_indices, restore_indices, *, train: bool = False,
+               return_layers: bool = False):
     cfg = self.config
     enc, dec = cfg.encoder, cfg.decoder
-    _, aux = ViTEncoder(enc, name="encoder")(images, keep_indices=keep_indices, train=train)
+    _, aux = ViTEncoder(enc, name="encoder")(images, keep_indices=keep_indices, train=train,
+                                             return_layers=return_layers)
     dense = lambda features, axes, name: nn.Dense(
         features, dtype=dec.compute_dtype, param_dtype=dec.params_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
@@ -166,11 +178,15 @@ class MAE(nn.Module):
       pos = self.param("decoder_pos_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, "embed")), (enc.num_patches, dec.width),
           dec.params_dtype)
-      pos = interpolate_2d(pos, enc.grid, grid)
+      pos = (interpolate_1d(pos, grid[0] * grid[1]) if cfg.decoder_pos_resize == "sequence"
+             else interpolate_2d(pos, enc.grid, grid))
     tokens = tokens + pos.astype(tokens.dtype)[None]
     if prefix:
       tokens = jnp.concatenate([y[:, :prefix], tokens], axis=1)
-    hidden, dec_aux = Transformer(dec, name="decoder")(tokens, train=train)
+    hidden, dec_aux = Transformer(dec, name="decoder")(tokens, train=train,
+                                                       return_layers=return_layers)
+    if return_layers:
+      aux["decoder_embedded"], aux["decoder_layers"] = tokens, dec_aux["layers"]
     hidden = hidden[:, prefix:]
     pred = nn.Dense(
         enc.patch_dim, dtype=jnp.float32, param_dtype=dec.params_dtype,

@@ -173,8 +173,14 @@ class _Encoder(nn.Module):
     self.backbone = Transformer(cfg.resolved_backbone)
 
   def __call__(self, ids, *, causal, segment_ids=None, positions=None, token_types=None,
-               mask=None, cache=None, cache_index=None, train=False, return_layers=False):
+               mask=None, attention_mask=None, cache=None, cache_index=None, train=False,
+               return_layers=False):
     cfg = self.config
+    if attention_mask is not None:
+      # With a cache the keys are the cache's slots ([depth, batch, max_len, ...]).
+      kv_length = ids.shape[1] if cache is None else cache["k"].shape[2]
+      keys = mask_ops.key_mask(attention_mask, kv_length, "text model")
+      mask = keys if mask is None else jnp.logical_and(mask, keys)
     if positions is None:
       positions = _default_positions(ids, segment_ids, cache_index)
     x = self.embed(ids, positions if cfg.positions == "learned" else None)
@@ -196,7 +202,8 @@ class TextEncoder(nn.Module):
   The stem + backbone every text model shares (params under ``encoder``, so
   GPT / BERT checkpoints load by name). ``pooler=True`` adds BERT's pooler:
   ``aux["pooled"] = tanh(dense(hidden[:, 0]))`` ``[batch, width]`` (params
-  ``pooler``, as in ``BERT``). ``aux["embedded"]`` is the backbone's input;
+  ``pooler``, as in ``BERT``). ``attention_mask``: HF's key mask, as in
+  ``BERT``. ``aux["embedded"]`` is the backbone's input;
   with ``return_layers`` ``aux["layers"]`` holds every block's output
   ``[depth, batch, length, width]``.
   """
@@ -206,12 +213,13 @@ class TextEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, ids, *, segment_ids=None, positions=None, token_types=None,
-               train: bool = False, return_layers: bool = False):
+               attention_mask=None, train: bool = False, return_layers: bool = False):
     cfg = self.config
     bb = cfg.backbone
     hidden, aux = _Encoder(cfg, name="encoder")(
         ids, causal=self.causal, segment_ids=segment_ids, positions=positions,
-        token_types=token_types, train=train, return_layers=return_layers)
+        token_types=token_types, attention_mask=attention_mask, train=train,
+        return_layers=return_layers)
     aux["hidden"] = hidden
     if self.pooler:
       dense = nn.Dense(bb.width, dtype=bb.dtype, param_dtype=bb.param_dtype,
@@ -229,12 +237,15 @@ class GPT(nn.Module):
   """Causal LM: ``(ids [batch, length]) -> (logits [batch, length, vocab], aux)``.
 
   ``segment_ids`` isolate packed documents (positions then restart per
-  segment). For decoding pass ``cache`` / ``cache_index`` (see
-  ``init_cache``) and optionally a boolean key ``mask`` ``[batch, 1, 1,
-  cache_length]``; ``aux["cache"]`` is the updated cache. ``aux["hidden"]``
-  is the final hidden state, ``aux["embedded"]`` the backbone's input and,
-  with ``return_layers``, ``aux["layers"]`` every block's output. Logits are
-  float32.
+  segment). ``attention_mask`` ``[batch, length]`` (1 = real token) is
+  Hugging Face's key mask (``ops.masks.key_mask``): every position, padded
+  ones included, equals HF's GPT-2, left or right padded. For decoding pass
+  ``cache`` / ``cache_index`` (see ``init_cache``) and optionally a boolean
+  key ``mask`` ``[batch, 1, 1, cache_length]`` (or ``attention_mask``
+  ``[batch, cache_length]``); ``aux["cache"]`` is the updated cache.
+  ``aux["hidden"]`` is the final hidden state, ``aux["embedded"]`` the
+  backbone's input and, with ``return_layers``, ``aux["layers"]`` every
+  block's output. Logits are float32.
   """
   config: TextConfig
 
@@ -247,10 +258,11 @@ class GPT(nn.Module):
           kernel_init=nn.with_logical_partitioning(
               nn.initializers.normal(self.config.embed_init_std), ("embed", "vocab")))
 
-  def __call__(self, ids, *, segment_ids=None, positions=None, mask=None, cache=None,
-               cache_index=None, train: bool = False, return_layers: bool = False):
+  def __call__(self, ids, *, segment_ids=None, positions=None, mask=None, attention_mask=None,
+               cache=None, cache_index=None, train: bool = False, return_layers: bool = False):
     hidden, aux = self.encoder(ids, causal=True, segment_ids=segment_ids, positions=positions,
-                               mask=mask, cache=cache, cache_index=cache_index, train=train,
+                               mask=mask, attention_mask=attention_mask, cache=cache,
+                               cache_index=cache_index, train=train,
                                return_layers=return_layers)
     if self.config.tie_embeddings:
       logits = self.encoder.embed.attend(hidden)
@@ -330,10 +342,11 @@ class BERT(nn.Module):
                                    nn.initializers.normal(cfg.embed_init_std), ("mlp", None)))
 
   def __call__(self, ids, *, segment_ids=None, positions=None, token_types=None,
-               train: bool = False, return_layers: bool = False):
+               attention_mask=None, train: bool = False, return_layers: bool = False):
     cfg = self.config
     hidden, aux = self.encoder(ids, causal=False, segment_ids=segment_ids, positions=positions,
-                               token_types=token_types, train=train, return_layers=return_layers)
+                               token_types=token_types, attention_mask=attention_mask,
+                               train=train, return_layers=return_layers)
     h = self.mlm_norm(nn.gelu(self.mlm_dense(hidden), approximate=False))
     logits = self.encoder.embed.attend(h) if cfg.tie_embeddings else self.head(h)
     logits = logits.astype(jnp.float32) + self.mlm_bias.astype(jnp.float32)
