@@ -33,7 +33,7 @@ def config() -> RunConfig:
   return RunConfig(
       task=GPTTaskConfig(model=model, seq_length=256, z_loss=1e-4, tokenizer="bpe:1024",
                          dataset="pysource_text"),
-      train=TrainConfig(steps=800, batch_size=8, log_every=25, eval_every=400,
+      train=TrainConfig(steps=700, batch_size=8, log_every=25, eval_every=350,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=20,
                                 end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,
