@@ -60,3 +60,25 @@ def test_kv_cache_sampling_matches_greedy_full_pass():
   logits, _ = model.apply({"params": params}, igpt.igpt_inputs(ids, cfg))
   want = jnp.minimum(jnp.argmax(logits, -1), cfg.palette_size - 1)
   np.testing.assert_array_equal(ids, want)
+
+
+def test_bert_objective_predicts_masked_pixels_of_real_digits():
+  import pytest  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.igpt import IGPTTaskConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import BERT  # pylint: disable=import-outside-toplevel
+  cfg = igpt.IGPTConfig(TransformerConfig(width=16, depth=2, heads=2, mlp_dim=32),
+                        palette_size=8, objective="bert")
+  assert isinstance(cfg.make(), BERT)
+  task = IGPTTaskConfig(cfg, palette_images=200, samples=0).build()
+  source = task.source("train")
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(np.stack([task.preprocess(source[i], rng, True)["image"]
+                                          for i in range(32)]))}
+  params = nn.unbox(task.init(jax.random.PRNGKey(0), batch)["params"])
+  (loss, metrics), grads = jax.value_and_grad(
+      lambda p: task.loss(p, batch, jax.random.PRNGKey(1)), has_aux=True)(params)
+  assert np.isfinite(float(loss)) and float(metrics["mlm_tokens"]) > 0
+  assert abs(float(metrics["mlm_tokens"]) / (32 * 64) - 0.15) < 0.03  # 15% of the pixels
+  assert float(jax.tree.reduce(lambda a, g: a + jnp.abs(g).sum(), grads, 0.0)) > 0
+  with pytest.raises(ValueError, match="causal"):
+    igpt.sample_images(cfg, params, task.palette, jax.random.PRNGKey(0), 1)

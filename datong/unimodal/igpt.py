@@ -28,7 +28,9 @@ from datong.backbone import TransformerConfig
 from datong.ops import vq
 from datong.ops.patches import pair
 from datong.unimodal.generation import generate
-from datong.unimodal.text import GPT, TextConfig
+from datong.unimodal.text import BERT, GPT, TextConfig
+
+OBJECTIVES = ("causal", "bert")
 
 
 def fit_palette(rng, pixels, size: int, iterations: int = 30):
@@ -53,11 +55,15 @@ def ids_to_image(ids, palette, image_size):
 
 @dataclasses.dataclass(frozen=True)
 class IGPTConfig:
-  """A GPT over ``palette_size`` colors (+ a start token) of ``image_size`` images."""
+  """A GPT over ``palette_size`` colors (+ a start token) of ``image_size``
+  images; ``objective="bert"``: iGPT's BERT variant, a ``BERT`` that predicts
+  ``mask_rate`` of the pixels (id ``palette_size`` is then the mask token)."""
   backbone: TransformerConfig
   image_size: tuple[int, int] = (8, 8)
   channels: int = 1
   palette_size: int = 16
+  objective: str = "causal"
+  mask_rate: float = 0.15
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", pair(self.image_size))
@@ -65,6 +71,10 @@ class IGPTConfig:
       raise ValueError(f"IGPTConfig.palette_size={self.palette_size}: need at least 2 colors.")
     if self.channels < 1:
       raise ValueError(f"IGPTConfig.channels={self.channels}: must be positive.")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"IGPTConfig.objective={self.objective!r}: choose one of {OBJECTIVES}.")
+    if not 0.0 < self.mask_rate < 1.0:
+      raise ValueError(f"IGPTConfig.mask_rate={self.mask_rate}: must be in (0, 1).")
 
   @property
   def length(self) -> int:
@@ -73,16 +83,17 @@ class IGPTConfig:
 
   @property
   def start_id(self) -> int:
+    """The start token (causal) or the mask token (bert)."""
     return self.palette_size
 
   @property
   def text(self) -> TextConfig:
-    """The GPT's config: learned positions over start + pixels, tied head."""
+    """The text model's config: learned positions over the pixels (+ start), tied head."""
     return TextConfig(backbone=self.backbone, vocab_size=self.palette_size + 1,
                       positions="learned", max_length=self.length + 1)
 
-  def make(self) -> GPT:
-    return GPT(self.text)
+  def make(self):
+    return GPT(self.text) if self.objective == "causal" else BERT(self.text)
 
 
 def igpt_inputs(ids, config: IGPTConfig):
@@ -106,6 +117,9 @@ def sample_images(config: IGPTConfig, params, palette, rng, count: int, *,
   model gives it almost no probability; should it be sampled anyway it is
   drawn as the lightest color (id ``palette_size - 1``).
   """
+  if config.objective != "causal":
+    raise ValueError("sample_images needs the causal objective; a BERT-objective iGPT does "
+                     "not generate left to right.")
   prompts = jnp.full((count, 1), config.start_id, jnp.int32)
   out = generate(config.make(), params, prompts, rng=rng, max_new_tokens=config.length,
                  temperature=temperature, top_k=top_k)

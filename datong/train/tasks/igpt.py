@@ -1,10 +1,13 @@
 """iGPT for the engine: palette-index sequences of images through the shared
-GPT objective; evaluation is a linear probe per layer and a sample grid.
+GPT objective (or, with ``IGPTConfig.objective="bert"``, the shared BERT
+masking and ``mlm_loss``); evaluation is a linear probe per layer and, for
+the causal objective, a sample grid.
 
 The palette is fit when the task is built (k-means on the pixels of
 ``palette_images`` training images, like the BPE of ``gpt-pydoc`` is learned
 from its train split); images become ids inside the loss. ``evaluate``
-reports ``eval/bits_per_pixel`` on the test split, the per-layer probe
+reports ``eval/bits_per_pixel`` (``eval/mlm_loss`` with the BERT objective)
+on the test split, the per-layer probe
 (``eval/layer{l}_linear_probe_accuracy`` and k-NN, features = the layer's
 mean over positions), the best layer's accuracy as
 ``eval/linear_probe_accuracy`` with ``eval/best_layer`` (1-based), and
@@ -28,7 +31,7 @@ from datong.train.tasks.probes import ProbeConfig, probe_metrics, real_rows
 from datong.train.tasks.visual_tokens import training_images
 from datong.train.tasks.vision import _spec
 from datong.unimodal import igpt
-from datong.unimodal.text import causal_lm_loss
+from datong.unimodal.text import causal_lm_loss, mlm_loss, mlm_mask
 
 LN2 = float(np.log(2.0))
 
@@ -82,18 +85,34 @@ class IGPTTask(Task):
     b = batch["image"].shape[0]
     return self.model.init(rng, jnp.zeros((b, self.config.model.length), jnp.int32))
 
-  def _apply(self, params, images, *, train=False, rng=None, return_layers=False):
+  def _apply(self, params, images, *, train=False, rng=None, return_layers=False,
+             mask_rng=None):
+    """``(ids, logits, aux, selected)``: ``selected`` are the pixels the BERT
+    objective predicts (with ``mask_rng``; None for the causal objective)."""
+    cfg = self.config.model
     ids = self.ids(images)
+    selected = None
+    if cfg.objective == "causal":
+      inputs = igpt.igpt_inputs(ids, cfg)
+    elif mask_rng is not None:
+      inputs, selected = mlm_mask(mask_rng, ids, vocab_size=cfg.palette_size + 1,
+                                  mask_id=cfg.start_id, special_ids=(cfg.start_id,),
+                                  rate=cfg.mask_rate)
+    else:
+      inputs = ids  # features of the whole, unmasked image
     rngs = {"dropout": rng} if rng is not None else {}
-    logits, aux = self.model.apply({"params": params_collection(nn.unbox(params))},
-                                   igpt.igpt_inputs(ids, self.config.model), train=train,
-                                   rngs=rngs, return_layers=return_layers)
-    return ids, logits, aux
+    logits, aux = self.model.apply({"params": params_collection(nn.unbox(params))}, inputs,
+                                   train=train, rngs=rngs, return_layers=return_layers)
+    return ids, logits, aux, selected
 
   def loss(self, params, batch, rng, *, train=True):
-    aug_rng, drop_rng = jax.random.split(rng)
+    aug_rng, drop_rng, mask_rng = jax.random.split(rng, 3)
     images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
-    ids, logits, _ = self._apply(params, images, train=train, rng=drop_rng if train else None)
+    ids, logits, _, selected = self._apply(params, images, train=train,
+                                           rng=drop_rng if train else None, mask_rng=mask_rng)
+    if selected is not None:
+      loss, metrics = mlm_loss(logits, ids, selected)
+      return loss, {"loss": loss, **metrics}
     loss, metrics = causal_lm_loss(logits, ids, jnp.ones(ids.shape, jnp.float32))
     metrics["bits_per_pixel"] = metrics["nll"] / LN2
     return loss, {"loss": loss, **metrics}
@@ -108,7 +127,7 @@ class IGPTTask(Task):
       count += n
 
     def features(p, images):
-      _, _, aux = self._apply(p, images, return_layers=True)
+      _, _, aux, _ = self._apply(p, images, return_layers=True)
       per_layer = igpt.layer_features(aux["layers"])
       return {f"layer{l + 1}_": per_layer[l] for l in range(per_layer.shape[0])}
 
@@ -117,9 +136,11 @@ class IGPTTask(Task):
     depth = self.config.model.backbone.depth
     curve = [metrics[f"eval/layer{l}_linear_probe_accuracy"] for l in range(1, depth + 1)]
     best = int(np.argmax(curve))
+    causal = self.config.model.objective == "causal"
     metrics.update({"eval/linear_probe_accuracy": curve[best], "eval/best_layer": best + 1,
-                    "eval/bits_per_pixel": total / max(count, 1) / LN2})
-    if self.config.samples and ctx.workdir and jax.process_index() == 0:
+                    "eval/bits_per_pixel" if causal else "eval/mlm_loss":
+                    total / max(count, 1) / (LN2 if causal else 1.0)})
+    if causal and self.config.samples and ctx.workdir and jax.process_index() == 0:
       os.makedirs(ctx.workdir, exist_ok=True)
       images = jax.jit(lambda p, key: igpt.sample_images(
           self.config.model, params_collection(nn.unbox(p)), self.palette, key,
