@@ -290,3 +290,30 @@ def test_beit_unsupported_is_named(torch_hf, tmp_path):
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"])
   with pytest.raises(hf.UnsupportedError, match="key_bias"):
     hf.save(model, params, str(tmp_path / "out"))
+
+
+def test_scanned_layers_equal_unrolled_and_fine_tuning_starts_from_the_beit_encoder():
+  from datong.train import warmstart  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.vision import layer_ids  # pylint: disable=import-outside-toplevel
+  enc = _tiny_beit(relative_position_bias="layer").replace(
+      backbone=_tiny_beit().backbone.replace(depth=3))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  model = BEiT(BEiTConfig(enc, vocab_size=7))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x)["params"])
+  rs = np.random.RandomState(0)
+  params = jax.tree.map(lambda a: a + 0.1 * rs.randn(*a.shape).astype(np.float32), params)
+  out, _ = model.apply({"params": params}, x)
+  scanned = BEiT(BEiTConfig(enc.replace(backbone=enc.backbone.replace(scan_layers=True)), 7))
+  bb = params["encoder"]["backbone"]
+  stacked = {"layers": jax.tree.map(lambda *a: jnp.stack(a), *[bb[f"layer_{i}"] for i in range(3)]),
+             **{k: v for k, v in bb.items() if not k.startswith("layer_")}}
+  out_scan, _ = scanned.apply({"params": {**params, "encoder": {**params["encoder"],
+                                                                "backbone": stacked}}}, x)
+  np.testing.assert_allclose(out_scan, out, rtol=1e-5, atol=1e-5)
+  # a classifier on the same encoder config starts from the BEiT's encoder, exactly
+  clf = ImageClassifier(enc, 10)
+  fresh = nn.unbox(clf.init(jax.random.PRNGKey(2), x)["params"])
+  merged = warmstart.merge_encoder(fresh, params, enc, at="encoder")
+  jax.tree.map(np.testing.assert_array_equal, merged["encoder"], params["encoder"])
+  ids = layer_ids(merged, 3)  # per-layer tables decay with their layer
+  assert ids["encoder"]["backbone"]["layer_2"]["attention_bias"]["table"] == 3
