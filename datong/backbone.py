@@ -266,6 +266,10 @@ class Block(nn.Module):
       h = branch(h)
       if res_post:
         h = Norm(cfg, name=f"{name}_norm")(h)
+      if cfg.layer_scale > 0:  # a per-channel gain on the branch, before drop path (BEiT's lambda)
+        gain = self.param(f"{name}_layer_scale", _partitioned(
+            nn.initializers.constant(cfg.layer_scale), ("embed",)), (cfg.width,), cfg.params_dtype)
+        h = h * gain.astype(h.dtype)
       h = self._drop_path(dropout(h, deterministic=not self.train), drop_rate)
       x = x + h
       return Norm(cfg, name=f"{name}_norm")(x) if post else x

@@ -45,6 +45,7 @@ class TransformerConfig:
   dropout: float = 0.0
   attention_dropout: float = 0.0
   stochastic_depth: float = 0.0  # drop-path rate of the last block (linear in depth)
+  layer_scale: float = 0.0  # > 0: learned per-channel scale of each branch, init to this (CaiT, BEiT)
   qk_norm: bool = False
   cosine_attention: bool = False  # Swin V2: cos(q, k) * exp(min(t_head, log 100)), t learned
   cross_attention: bool = False  # decoder blocks of an encoder-decoder
@@ -82,6 +83,8 @@ class TransformerConfig:
     for field in ("dropout", "attention_dropout", "stochastic_depth"):
       if not 0.0 <= getattr(self, field) < 1.0:
         bad(field, "must be in [0, 1)")
+    if not 0.0 <= self.layer_scale < float("inf"):
+      bad("layer_scale", "must be >= 0 (0: off; BEiT uses 0.1 or 1e-5)")
     if self.norm_eps <= 0:
       bad("norm_eps", "must be positive")
     if not self.key_bias and not self.use_bias:

@@ -28,6 +28,7 @@ import numpy as np
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal.clip import CLIP, ClipConfig
 from datong.unimodal import masked_image as mim
+from datong.unimodal.beit import BEiT, BEiTConfig, beit_encoder, beit_masking
 from datong.unimodal.encoders import ImageClassifier
 from datong.unimodal.text import BERT, GPT, TextConfig, TextEncoder
 from datong.unimodal.swin import PRESETS as SWIN_PRESETS
@@ -93,6 +94,11 @@ def _simmim_inputs(model, batch, seed):
           mim.simmim_masking(jax.random.PRNGKey(seed), batch, cfg))
 
 
+def _beit_inputs(model, batch, seed):
+  cfg = model.config
+  return (_images(cfg.encoder, batch, seed), beit_masking(jax.random.PRNGKey(seed), batch, cfg))
+
+
 def _clip_inputs(model, batch, seed):
   cfg = model.config
   rng = np.random.default_rng(seed)
@@ -145,6 +151,10 @@ register(ModelKind(
 register(ModelKind(
     "simmim", "SimMIM (datong.unimodal.masked_image.SimMIM)", mim.SimMIM, mim.SimMIMConfig,
     lambda bb: mim.SimMIMConfig(ViTConfig(bb, mask_token=True)), _simmim_inputs,
+    encoder_path=("encoder",), encoder_config=lambda c: c.encoder))
+register(ModelKind(
+    "beit", "BEiT masked visual-token prediction (datong.unimodal.beit.BEiT)", BEiT, BEiTConfig,
+    lambda bb: BEiTConfig(beit_encoder(bb)), _beit_inputs,
     encoder_path=("encoder",), encoder_config=lambda c: c.encoder))
 def _swin_from_backbone(bb: TransformerConfig, version: int) -> SwinConfig:
   """A two-stage Swin with ``bb``'s width, heads and mlp ratio (for backbone presets)."""

@@ -37,7 +37,10 @@ module per family:
   ``CLIPModel``'s text tower alone;
 * ``swin``: ``SwinForImageClassification``, ``Swinv2ForImageClassification``
   -> ``ImageClassifier(SwinConfig)``; ``SwinModel``, ``Swinv2Model`` ->
-  ``SwinEncoder`` (V2 with ``pretrained_window_sizes``).
+  ``SwinEncoder`` (V2 with ``pretrained_window_sizes``);
+* ``beit``: ``BeitForImageClassification`` -> ``ImageClassifier(ViTConfig)``
+  with BEiT's options, ``BeitForMaskedImageModeling`` -> ``BEiT``,
+  ``BeitModel`` -> ``ViTEncoder`` (see ``hf.beit``).
 
 Every spelling of a checkpoint is read: the hub's (transformers 4.x names,
 old ``LayerNorm.gamma`` / ``beta``, buffers such as ``position_ids``), what
@@ -92,7 +95,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from datong.hf import bert, clip, gpt2, placement, swin, vit, vit_mae
+from datong.hf import beit, bert, clip, gpt2, placement, swin, vit, vit_mae
 from datong.hf.bert import load_bert
 from datong.hf.clip import load_clip, load_clip_text
 from datong.hf.common import State, UnsupportedError
@@ -117,7 +120,7 @@ __all__ = [
 
 # The one registry: HF architecture name -> family loader, Datong model class
 # -> family exporter (checked with isinstance, in this order).
-_FAMILIES = (gpt2, bert, swin, vit, vit_mae, clip)
+_FAMILIES = (gpt2, bert, swin, vit, vit_mae, clip, beit)
 _LOADERS = {arch: family.load for family in _FAMILIES for arch in family.ARCHITECTURES}
 _EXPORTERS = tuple((cls, getattr(family, "EXPORT_CONFIGS", None), family.export)
                    for family in _FAMILIES for cls in getattr(family, "EXPORTS", ()))

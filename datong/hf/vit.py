@@ -187,6 +187,9 @@ def export(model: ViTClassifier, params) -> tuple[dict, dict]:
   if not isinstance(cfg, ViTConfig):
     raise UnsupportedError(f"ViT export: the classifier's encoder is a {type(cfg).__name__}; "
                            "only a ViT encoder maps to ViTForImageClassification.")
+  from datong.hf import beit  # pylint: disable=import-outside-toplevel
+  if beit.wants_beit(cfg):  # BEiT's options -> BeitForImageClassification
+    return beit.export(model, params)
   problems = encoder_export_problems(cfg)
   if problems:
     raise UnsupportedError("ViT export: " + "; ".join(problems))

@@ -75,9 +75,28 @@ def shifted_window_mask(grid: tuple[int, int], window: int, shift: int) -> np.nd
 def relative_position_index(window: int) -> np.ndarray:
   """``[m*m, m*m]`` ints into a ``[(2m-1)**2, heads]`` table: the index of the
   offset ``(dy, dx)`` from key ``j`` to query ``i`` is ``(dy + m - 1) * (2m - 1) + dx + m - 1``."""
-  coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
-  rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # [2, m*m, m*m]
-  return rel[0] * (2 * window - 1) + rel[1]
+  return grid_relative_position_index((window, window))
+
+
+def grid_relative_position_index(grid: tuple[int, int], cls: bool = False) -> np.ndarray:
+  """``[n, n]`` ints (``n = gh * gw``, + 1 with ``cls``) into a table of
+  ``(2gh-1) * (2gw-1)`` offsets (+ 3 with ``cls``): offset ``(dy, dx)`` is
+  ``(dy + gh - 1) * (2gw - 1) + dx + gw - 1``. With ``cls`` (BEiT) position 0
+  is the [CLS] token and the last three rows are [CLS] -> patch, patch ->
+  [CLS] and [CLS] -> [CLS]."""
+  gh, gw = grid
+  coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")).reshape(2, -1)
+  rel = coords[:, :, None] - coords[:, None, :]  # [2, n, n]
+  index = (rel[0] + gh - 1) * (2 * gw - 1) + rel[1] + gw - 1
+  if not cls:
+    return index
+  offsets = (2 * gh - 1) * (2 * gw - 1)
+  out = np.zeros((gh * gw + 1,) * 2, index.dtype)
+  out[1:, 1:] = index
+  out[0, :] = offsets  # [CLS] query -> every key
+  out[:, 0] = offsets + 1  # every query -> [CLS] key
+  out[0, 0] = offsets + 2
+  return out
 
 
 def log_spaced_coords(window: int, pretrained_window: int = 0) -> np.ndarray:

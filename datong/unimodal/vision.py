@@ -25,19 +25,23 @@ the training objectives and their evaluation in ``datong.train.tasks.vision``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from datong.backbone import Norm, Transformer, TransformerConfig
 from datong.ops.patches import grid_shape, pair, patchify, unpatchify
 from datong.ops.posemb import interpolate_2d, sincos_2d
+from datong.ops.windows import grid_relative_position_index
 from datong.unimodal.encoders import ImageClassifier
 
 POOLS = ("cls", "gap")
 POSEMBS = ("learned", "sincos", "none")
+RELATIVE_POSITION_BIASES = ("none", "layer", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,10 @@ class ViTConfig:
   mask_token: bool = False  # a learned token replacing masked patches (SimMIM)
   pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's ViT)
   pooler: bool = False  # dense + tanh on the pooled token (HF ViTModel's / BERT's pooler)
+  # BEiT: a learned relative-position bias (with [CLS] entries) in every
+  # layer ("layer": one table per layer; "shared": one table for all layers).
+  relative_position_bias: str = "none"
+  pool_norm: bool = False  # a LayerNorm on the pooled features (BEiT's mean-pooling head)
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", pair(self.image_size))
@@ -66,6 +74,9 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.pool={self.pool!r}: choose one of {POOLS}.")
     if self.posemb not in POSEMBS:
       raise ValueError(f"ViTConfig.posemb={self.posemb!r}: choose one of {POSEMBS}.")
+    if self.relative_position_bias not in RELATIVE_POSITION_BIASES:
+      raise ValueError(f"ViTConfig.relative_position_bias={self.relative_position_bias!r}: "
+                       f"choose one of {RELATIVE_POSITION_BIASES}.")
     if self.pool == "cls" and self.cls_token is False:
       raise ValueError("ViTConfig.cls_token=False contradicts pool='cls'.")
     if self.channels <= 0:
@@ -190,6 +201,29 @@ class PatchEmbedding(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class RelativePositionBias(nn.Module):
+  """BEiT's bias: a learned table ``[(2gh-1)(2gw-1) (+3 with [CLS]), heads]``
+  (zeros at init) looked up by the offset between query and key patches
+  (``ops.windows.grid_relative_position_index``); a ``Transformer.layer_bias``
+  hook (per layer) or called once and passed as ``bias`` (shared).
+  Returns ``{"bias": [1, heads, n, n]}``."""
+  config: TransformerConfig
+  grid: tuple[int, int]
+  cls: bool = True
+
+  @nn.compact
+  def __call__(self, layer_index=None, x=None):
+    del layer_index, x
+    index = grid_relative_position_index(self.grid, self.cls)
+    rows = (2 * self.grid[0] - 1) * (2 * self.grid[1] - 1) + 3 * int(self.cls)
+    table = self.param("table", nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, "heads")), (rows, self.config.heads),
+        self.config.params_dtype)
+    n = index.shape[0]
+    bias = table.astype(jnp.float32)[np.asarray(index).reshape(-1)]
+    return {"bias": bias.reshape(n, n, -1).transpose(2, 0, 1)[None]}
+
+
 class ViTEncoder(nn.Module):
   """Patch stem + shared backbone + pooling: ``images -> (pooled, aux)``.
 
@@ -235,9 +269,26 @@ class ViTEncoder(nn.Module):
       prefix = 1
     if cfg.pre_norm:
       x = Norm(bb, name="pre_norm")(x)
+    layer_bias, bias = None, None
+    if cfg.relative_position_bias != "none":
+      grid = grid_shape(images.shape[1:3], cfg.patch_size)
+      if grid != cfg.grid or keep_indices is not None:
+        raise ValueError(f"ViTEncoder: the relative-position table is made for the full grid "
+                         f"{cfg.grid}; got grid {grid}"
+                         f"{' with keep_indices' if keep_indices is not None else ''}. Run "
+                         "it on images of the configured size and on all patches.")
+      make_bias = functools.partial(RelativePositionBias, grid=grid, cls=cfg.has_cls)
+      if cfg.relative_position_bias == "layer":
+        if self.shared_backbone is not None:
+          raise ValueError("ViTEncoder: a per-layer relative-position bias lives in the encoder's "
+                           "own backbone; with a shared backbone use relative_position_bias="
+                           "'shared'.")
+        layer_bias = make_bias
+      else:
+        bias = make_bias(bb, name="relative_position_bias")()["bias"]
     backbone = (self.shared_backbone if self.shared_backbone is not None
-                else Transformer(bb, name="backbone"))
-    hidden, baux = backbone(x, train=train, return_layers=return_layers)
+                else Transformer(bb, layer_bias=layer_bias, name="backbone"))
+    hidden, baux = backbone(x, bias=bias, train=train, return_layers=return_layers)
     patch_tokens = hidden[:, prefix:]
     pooled = hidden[:, 0] if cfg.pool == "cls" else jnp.mean(patch_tokens, axis=1)
     if cfg.pooler:
@@ -247,6 +298,8 @@ class ViTEncoder(nn.Module):
                                                    ("embed", "mlp")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
           name="pooler")(pooled))
+    if cfg.pool_norm:
+      pooled = Norm(bb, name="pool_norm")(pooled)
     aux = {"embedded": x, "encoded": hidden, "patch_tokens": patch_tokens,
            "pooled": pooled, **baux}
     return pooled, aux

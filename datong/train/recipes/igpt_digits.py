@@ -1,0 +1,37 @@
+"""iGPT on the embedded 8x8 digits: palette-index sequences, per-layer linear probe and samples.
+
+Palette: 16 intensity clusters (k-means on the pixels of 1,000 training
+images, sorted dark to light); each image is 64 palette ids in raster order
+after a start token. Model: the shared GPT (learned positions, tied head),
+width 96, depth 6, 4 heads; the GPT objective (next-pixel cross-entropy).
+Reports ``eval/bits_per_pixel``, the probe curve over depth
+(``eval/layer{l}_linear_probe_accuracy``: logistic regression on the layer's
+mean over positions), its best layer (``eval/best_layer``) and accuracy
+(``eval/linear_probe_accuracy``, target >= 0.93), and writes a PNG grid of
+32 KV-cache samples (temperature 1).
+
+    datong train igpt-digits --workdir /tmp/igpt-digits
+"""
+
+from datong.backbone import TransformerConfig
+from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
+from datong.train.tasks.igpt import IGPTTaskConfig
+from datong.train.tasks.images import ImageData
+from datong.train.tasks.probes import ProbeConfig
+from datong.unimodal.igpt import IGPTConfig
+
+NAME = "igpt-digits"
+METRIC = "eval/linear_probe_accuracy"
+TARGET = (">=", 0.93)
+
+
+def config() -> RunConfig:
+  model = IGPTConfig(TransformerConfig(width=96, depth=6, heads=4, mlp_dim=384),
+                     image_size=(8, 8), channels=1, palette_size=16)
+  return RunConfig(
+      task=IGPTTaskConfig(model=model, data=ImageData(upsample=1),
+                          probe=ProbeConfig(c=0.1), palette_images=1000, samples=32),
+      train=TrainConfig(steps=1500, batch_size=128, log_every=100, eval_every=0,
+                        checkpoint_every=0, seed=0),
+      optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=100,
+                                b2=0.95, weight_decay=0.05, grad_clip_norm=1.0))

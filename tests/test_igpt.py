@@ -1,0 +1,84 @@
+"""iGPT: palette quantization round trip, causal invariance, KV-cache sampling."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datong.backbone import TransformerConfig
+from datong.unimodal import igpt
+
+
+def test_palette_round_trip_and_intensity_clusters():
+  rs = np.random.RandomState(0)
+  levels = np.array([-1.0, -0.3, 0.4, 1.0], np.float32)
+  pixels = (levels[rs.randint(0, 4, 2000)] + 0.02 * rs.randn(2000)).astype(np.float32)[:, None]
+  palette = igpt.fit_palette(jax.random.PRNGKey(0), pixels, 4)
+  np.testing.assert_allclose(np.asarray(palette)[:, 0], levels, atol=0.01)  # sorted dark -> light
+  ids = jnp.asarray(rs.randint(0, 4, (3, 64)))
+  images = igpt.ids_to_image(ids, palette, (8, 8))
+  assert images.shape == (3, 8, 8, 1)
+  np.testing.assert_array_equal(igpt.image_to_ids(images, palette), ids)  # ids -> colors -> ids
+  again = igpt.ids_to_image(igpt.image_to_ids(images, palette), palette, (8, 8))
+  np.testing.assert_array_equal(again, images)  # palette colors are fixed points
+  # raster order: pixel (r, c) is id r * w + c
+  np.testing.assert_array_equal(np.asarray(images)[1, 2, 5, 0], np.asarray(palette)[ids[1, 21], 0])
+  # RGB palette: clusters in RGB space
+  colors = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+  rgb = colors[rs.randint(0, 3, 600)] + 0.01 * rs.randn(600, 3).astype(np.float32)
+  pal = np.asarray(igpt.fit_palette(jax.random.PRNGKey(1), rgb, 3))
+  for c in colors:
+    assert np.min(np.abs(pal - c).max(-1)) < 0.02
+
+
+def _tiny():
+  cfg = igpt.IGPTConfig(TransformerConfig(width=16, depth=2, heads=2, mlp_dim=32),
+                        image_size=(4, 4), palette_size=5)
+  model = cfg.make()
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
+  return cfg, model, params
+
+
+def test_changing_a_later_pixel_never_changes_earlier_logits():
+  cfg, model, params = _tiny()
+  ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 5)
+  logits, _ = model.apply({"params": params}, igpt.igpt_inputs(ids, cfg))
+  for j in (3, 9, 14):
+    other = ids.at[:, j].set((ids[:, j] + 1) % 5)
+    changed, _ = model.apply({"params": params}, igpt.igpt_inputs(other, cfg))
+    # input position j + 1 holds pixel j: logits 0..j (predicting pixels 0..j) are unchanged
+    np.testing.assert_array_equal(changed[:, :j + 1], logits[:, :j + 1])
+    assert not np.allclose(changed[:, j + 1], logits[:, j + 1])
+
+
+def test_kv_cache_sampling_matches_greedy_full_pass():
+  cfg, model, params = _tiny()
+  palette = jnp.linspace(-1, 1, 5)[:, None]
+  images = igpt.sample_images(cfg, params, palette, jax.random.PRNGKey(0), 2, temperature=0.0)
+  ids = igpt.image_to_ids(images, palette)
+  # greedy: every pixel is the argmax of a full (no-cache) pass over the pixels before it
+  logits, _ = model.apply({"params": params}, igpt.igpt_inputs(ids, cfg))
+  want = jnp.minimum(jnp.argmax(logits, -1), cfg.palette_size - 1)
+  np.testing.assert_array_equal(ids, want)
+
+
+def test_bert_objective_predicts_masked_pixels_of_real_digits():
+  import pytest  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.igpt import IGPTTaskConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import BERT  # pylint: disable=import-outside-toplevel
+  cfg = igpt.IGPTConfig(TransformerConfig(width=16, depth=2, heads=2, mlp_dim=32),
+                        palette_size=8, objective="bert")
+  assert isinstance(cfg.make(), BERT)
+  task = IGPTTaskConfig(cfg, palette_images=200, samples=0).build()
+  source = task.source("train")
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(np.stack([task.preprocess(source[i], rng, True)["image"]
+                                          for i in range(32)]))}
+  params = nn.unbox(task.init(jax.random.PRNGKey(0), batch)["params"])
+  (loss, metrics), grads = jax.value_and_grad(
+      lambda p: task.loss(p, batch, jax.random.PRNGKey(1)), has_aux=True)(params)
+  assert np.isfinite(float(loss)) and float(metrics["mlm_tokens"]) > 0
+  assert abs(float(metrics["mlm_tokens"]) / (32 * 64) - 0.15) < 0.03  # 15% of the pixels
+  assert float(jax.tree.reduce(lambda a, g: a + jnp.abs(g).sum(), grads, 0.0)) > 0
+  with pytest.raises(ValueError, match="causal"):
+    igpt.sample_images(cfg, params, task.palette, jax.random.PRNGKey(0), 1)
