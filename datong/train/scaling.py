@@ -107,16 +107,30 @@ def _linear_starts(law, log_n, log_d, log_l, weights, keep: int, size: int = 24)
   return np.array([x for _, x in found[:keep]])
 
 
+def _valid(theta, law) -> bool:
+  """Finite, exponents in [0, 5] and coefficients below e^50: BFGS is
+  unbounded, and on a few points (a bootstrap resample) it can run off."""
+  exps = [v for name, v in zip(LAWS[law], theta) if name in ("alpha", "beta")]
+  coefs = [v for name, v in zip(LAWS[law], theta) if name in ("E", "A", "B")]
+  return bool(np.all(np.isfinite(theta)) and all(0.0 <= e <= 5.0 for e in exps)
+              and all(abs(c) < 50.0 for c in coefs))
+
+
 def _minimize(starts, log_n, log_d, log_l, law, weights):
-  """BFGS from each start; [(objective, theta)] best first. (scipy's
-  L-BFGS-B costs ~10 ms per iteration in 1.17, BFGS ~0.5 ms; with five
-  constants the dense Hessian estimate is free.)"""
+  """BFGS from each start; [(objective, theta)] best first, only valid
+  results (a start itself stays a candidate). scipy's L-BFGS-B costs ~10 ms
+  per iteration in 1.17, BFGS ~0.5 ms; with five constants the dense Hessian
+  estimate is free."""
   from scipy.optimize import minimize  # pylint: disable=import-outside-toplevel
   results = []
   for x0 in starts:
-    r = minimize(_objective, x0, args=(log_n, log_d, log_l, law, weights), jac=True,
-                 method="BFGS", options={"maxiter": 1000, "gtol": 1e-9})
-    results.append((float(r.fun), r.x))
+    if _valid(x0, law):
+      results.append((_objective(x0, log_n, log_d, log_l, law, weights)[0], np.asarray(x0)))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+      r = minimize(_objective, x0, args=(log_n, log_d, log_l, law, weights), jac=True,
+                   method="BFGS", options={"maxiter": 1000, "gtol": 1e-9})
+    if _valid(r.x, law) and np.isfinite(r.fun):
+      results.append((float(r.fun), r.x))
   results.sort(key=lambda t: t[0])
   return results
 
