@@ -18,10 +18,12 @@ from typing import Any, Optional
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh ``(data, fsdp, tensor)``; one size may be -1 = the rest."""
+  """Device mesh ``(data, fsdp, tensor, expert)``; one size may be -1 = the
+  rest. ``expert`` shards MoE experts (and, outside them, the batch)."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
