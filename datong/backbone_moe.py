@@ -90,6 +90,9 @@ class MoeMlp(nn.Module):
   def _capacity_experts(self, params, x, dispatch, combine):
     """Einsum form: ``x [G, S, D]``, one-hot ``[G, S, E, C]`` -> ``[G, S, D]``."""
     names = ("expert_group", "expert", None, "embed")
+    # Routing stays local to each batch shard; the all-to-all is on xin / out.
+    dispatch = _constrain(dispatch, ("batch", "length", None, None))
+    combine = _constrain(combine, ("batch", "length", None, None))
     xin = _constrain(jnp.einsum("gsec,gsd->gecd", dispatch, x), names)
 
     def project(kernel, bias):
