@@ -277,3 +277,29 @@ def test_expert_parallel_meshes_give_the_unsharded_losses(dispatch, meshes):
     assert spec[0] == "expert", spec  # the experts are split over the mesh axis 'expert'
     if "fsdp" in name:
       assert spec[1] == "fsdp", spec
+
+
+def test_notebook_builds_an_moe_gpt_and_describe_shows_expert_shardings():
+  import datong  # pylint: disable=import-outside-toplevel
+  model = datong.build("gpt", "tiny", vocab_size=64, depth=1,
+                       moe=MoEConfig(experts=4, top_k=2, dispatch="dropless"))
+  assert model.config.backbone.moe.experts == 4
+  # The CLI's names work too: a bare MoE field sets it in every backbone.
+  assert datong.build("clip", "tiny", experts=2).config.text.backbone.moe.experts == 2
+  params = datong.init(model)
+  logits, aux = datong.apply(model, params)
+  assert logits.shape[-1] == 64 and "moe_load_balancing" in aux["losses"]
+  table = datong.describe(params, mesh={"expert": 4})
+  rows = {r.path: r for r in table.rows}
+  wi = rows["encoder/backbone/layer_0/mlp/wi"]
+  assert wi.axes == ("expert", "embed", "mlp") and wi.sharding.startswith("P('expert'")
+  assert "expert" not in rows["encoder/backbone/layer_0/mlp/router"].sharding
+
+
+def test_moe_metrics_reach_a_tasks_metrics_named_by_tower():
+  from datong.train.task import with_aux_losses  # pylint: disable=import-outside-toplevel
+  aux = {"metrics": {"moe/dropped_fraction": 0.1}, "losses": {"moe_router_z": 1.0},
+         "image": {"metrics": {"moe/expert_load/0": 0.5}, "moe": {"expert_load": [[0.5]]}}}
+  out = with_aux_losses({"loss": 2.0}, aux)
+  assert out == {"loss": 2.0, "moe/dropped_fraction": 0.1, "image/moe/expert_load/0": 0.5,
+                 "aux_losses": {"moe_router_z": 1.0}}
