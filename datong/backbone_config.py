@@ -33,9 +33,9 @@ class MoEConfig:
 
   Layer ``i`` (0-based) has an MoE MLP when ``(i + 1) % every == 0`` (every
   layer for 1; layers 1, 3, ... for 2, as Switch / GShard). Each expert is
-  the backbone's MLP (same activation, bias, dropout) of width ``mlp_dim``
-  (None: the backbone's). ``router``: ``token_choice`` (top-``top_k``;
-  1 = Switch, 2 = GShard), ``expert_choice`` (each expert takes its best
+  the backbone's MLP (same activation, bias, dropout) of width
+  ``expert_dim`` (None: the backbone's ``mlp_dim``). ``router``:
+  ``token_choice`` (top-``top_k``; 1 = Switch, 2 = GShard), ``expert_choice`` (each expert takes its best
   tokens; capacity dispatch only; note that it lets a causal model's routing
   see later tokens of the row), ``modality`` (token -> expert of its
   ``modality_ids``; needs ``experts == modalities``). ``dispatch``:
@@ -56,7 +56,7 @@ class MoEConfig:
   dispatch: str = "capacity"
   capacity_factor: Optional[float] = 1.25
   every: int = 1
-  mlp_dim: Optional[int] = None
+  expert_dim: Optional[int] = None
   shared_expert: bool = False
   modalities: int = 1
   load_balancing_weight: float = 1e-2
@@ -80,8 +80,9 @@ class MoEConfig:
       bad("dispatch", f"choose one of {MOE_DISPATCH}")
     if self.capacity_factor is not None and not self.capacity_factor > 0:
       bad("capacity_factor", "must be positive (or None: no capacity limit)")
-    if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim <= 0):
-      bad("mlp_dim", "must be a positive integer (or None: the backbone's mlp_dim)")
+    if self.expert_dim is not None and (not isinstance(self.expert_dim, int)
+                                        or self.expert_dim <= 0):
+      bad("expert_dim", "must be a positive integer (or None: the backbone's mlp_dim)")
     for field in ("load_balancing_weight", "router_z_weight", "local_entropy_weight",
                   "global_entropy_weight"):
       if not (math.isfinite(getattr(self, field)) and getattr(self, field) >= 0):
@@ -261,7 +262,7 @@ class TransformerConfig:
     attention = 2 * 2 * length * self.width * (0.5 if causal else 1.0)
     moe = self.moe
     moe_layers = sum(moe.is_moe_layer(i) for i in range(self.depth))
-    expert = matrices * self.width * (moe.mlp_dim or self.mlp_dim)
+    expert = matrices * self.width * (moe.expert_dim or self.mlp_dim)
     moe_mlp = (moe.active_experts + moe.shared_expert) * expert
     if moe.router != "modality":
       moe_mlp += self.width * moe.experts

@@ -52,7 +52,7 @@ class MoeMlp(nn.Module):
 
   def _expert_params(self, moe: MoEConfig):
     cfg = self.config
-    e, d, m = moe.experts, cfg.width, moe.mlp_dim or cfg.mlp_dim
+    e, d, m = moe.experts, cfg.width, moe.expert_dim or cfg.mlp_dim
     # Xavier per expert (the expert axis is a batch axis, not fan-in).
     init = (nn.initializers.normal(cfg.init_std) if cfg.kernel_init == "normal" else
             nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,)))
@@ -190,7 +190,7 @@ class MoeMlp(nn.Module):
       stats["modality_load"] = moe_ops.modality_fractions(experts, modality_ids, valid, n,
                                                           moe.modalities)
     if moe.shared_expert:
-      dense = cfg.replace(mlp_dim=moe.mlp_dim or cfg.mlp_dim, moe=MoEConfig())
+      dense = cfg.replace(mlp_dim=moe.expert_dim or cfg.mlp_dim, moe=MoEConfig())
       y = y + Mlp(dense, self.train, name="shared_expert")(x)
     y = _constrain(y.astype(cfg.compute_dtype), ("batch", "length", "embed"))
     return y, losses, {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}

@@ -201,7 +201,7 @@ def test_limoe_entropy_losses_per_modality():
 
 def test_moe_every_second_layer_and_its_metrics_and_flops():
   cfg = TransformerConfig(width=WIDTH, depth=4, heads=2, mlp_dim=MLP,
-                          moe=dict(experts=4, top_k=1, every=2, mlp_dim=MLP // 2))
+                          moe=dict(experts=4, top_k=1, every=2, expert_dim=MLP // 2))
   x = _x()
   params = Transformer(cfg).init(jax.random.PRNGKey(0), x)["params"]
   assert "router" in params["layer_1"]["mlp"] and "router" in params["layer_3"]["mlp"]
