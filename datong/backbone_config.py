@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 MOE_ROUTERS = ("token_choice", "expert_choice", "modality")
-MOE_DISPATCH = ("capacity", "dropless")
+MOE_DISPATCH = ("capacity", "gather", "dropless")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,9 @@ class MoEConfig:
   ``capacity`` (static one-hot einsums; an expert takes at most
   ``ceil(capacity_factor * top_k * tokens / experts)`` assignments per
   sequence, the rest are dropped: see ``datong.ops.moe.capacity_slots`` for
-  the order; None: no limit) or ``dropless`` (tokens sorted by expert,
-  ``jax.lax.ragged_dot``). ``shared_expert``: one more MLP every token
+  the order; None: no limit), ``gather`` (the same capacity buffers filled
+  by index gathers instead of one-hot einsums) or ``dropless`` (tokens
+  sorted by expert, ``jax.lax.ragged_dot``). ``shared_expert``: one more MLP every token
   always passes through. Loss weights scale the auxiliary losses the layer
   adds to ``aux["losses"]`` (a weight of 0 leaves that loss out):
   ``moe_load_balancing`` (Switch; token choice), ``moe_router_z`` (ST-MoE),
@@ -92,8 +93,8 @@ class MoEConfig:
     if self.router == "token_choice" and self.top_k > self.experts:
       bad("top_k", f"cannot exceed experts={self.experts}")
     if self.router == "expert_choice" and self.dispatch != "capacity":
-      bad("dispatch", "expert-choice routing fills a fixed capacity per expert by "
-          "construction; use dispatch='capacity'")
+      bad("dispatch", "expert-choice routing is implemented in the one-hot capacity "
+          "form only; use dispatch='capacity'")
     if self.router == "modality" and self.experts != self.modalities:
       bad("experts", f"the modality router sends modality m to expert m: set "
           f"experts = modalities = {self.modalities} (or modalities={self.experts})")

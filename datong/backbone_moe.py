@@ -87,13 +87,11 @@ class MoeMlp(nn.Module):
       h = _activation(cfg.activation, project(*params["wi"]))
     return nn.Dropout(cfg.dropout)(h, deterministic=not self.train)
 
-  def _capacity_experts(self, params, x, dispatch, combine):
-    """Einsum form: ``x [G, S, D]``, one-hot ``[G, S, E, C]`` -> ``[G, S, D]``."""
+  def _buffer_experts(self, params, xin):
+    """The experts on their buffers ``[G, E, C, D]`` -> same shape. Groups
+    stay on the batch's data/fsdp shards, experts go to ``expert``."""
     names = ("expert_group", "expert", None, "embed")
-    # Routing stays local to each batch shard; the all-to-all is on xin / out.
-    dispatch = _constrain(dispatch, ("batch", "length", None, None))
-    combine = _constrain(combine, ("batch", "length", None, None))
-    xin = _constrain(jnp.einsum("gsec,gsd->gecd", dispatch, x), names)
+    xin = _constrain(xin, names)
 
     def project(kernel, bias):
       y = jnp.einsum("gecd,edm->gecm", xin, kernel)
@@ -101,8 +99,29 @@ class MoeMlp(nn.Module):
     h = _constrain(self._hidden(params, project), ("expert_group", "expert", None, "mlp"))
     kernel, bias = params["wo"]
     out = jnp.einsum("gecm,emd->gecd", h, kernel)
-    out = _constrain(out if bias is None else out + bias[None, :, None], names)
+    return _constrain(out if bias is None else out + bias[None, :, None], names)
+
+  def _capacity_experts(self, params, x, dispatch, combine):
+    """Einsum form: ``x [G, S, D]``, one-hot ``[G, S, E, C]`` -> ``[G, S, D]``."""
+    # Routing stays local to each batch shard; the all-to-all is on the buffers.
+    dispatch = _constrain(dispatch, ("batch", "length", None, None))
+    combine = _constrain(combine, ("batch", "length", None, None))
+    out = self._buffer_experts(params, jnp.einsum("gsec,gsd->gecd", dispatch, x))
     return jnp.einsum("gsec,gecd->gsd", combine, out)
+
+  def _gather_experts(self, params, x, experts, slots, weights, cap):
+    """Gather form of the same buffers: slot -> token index, assignment ->
+    slot index (``ops.moe.slot_tokens``); empty slots read a zero row."""
+    g, s, d = x.shape
+    n = self.config.moe.experts
+    tokens, pos = moe_ops.slot_tokens(experts, slots, n, cap)
+    padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    xin = jnp.take_along_axis(padded, tokens[..., None], axis=1).reshape(g, n, cap, d)
+    out = self._buffer_experts(params, xin).reshape(g, n * cap, d)
+    out = jnp.concatenate([out, jnp.zeros((g, 1, d), out.dtype)], axis=1)
+    picked = jnp.take_along_axis(out, pos.reshape(g, -1)[..., None], axis=1)
+    picked = picked.reshape(g, s, -1, d)
+    return jnp.einsum("gskd,gsk->gsd", picked, weights.astype(picked.dtype))
 
   def _dropless_experts(self, params, x, experts, weights):
     """Sorted form: every assignment computed, grouped by expert for
@@ -158,14 +177,17 @@ class MoeMlp(nn.Module):
       missed = jnp.sum((chosen == 0) & valid)
       stats["dropped_fraction"] = missed / jnp.maximum(jnp.sum(valid), 1)
       y = self._capacity_experts(params, x, dispatch, combine)
-    elif moe.dispatch == "capacity":
+    elif moe.dispatch in ("capacity", "gather"):
       cap = moe_ops.capacity(s, n, moe.capacity_factor, moe.choices)
       slots = moe_ops.capacity_slots(experts, valid, n, cap)
       dropped = jnp.sum((slots < 0) & valid[..., None])
       stats["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(valid) * experts.shape[-1], 1)
-      dispatch, combine = moe_ops.dispatch_and_combine(experts, slots, weights, n, cap,
-                                                       cfg.compute_dtype)
-      y = self._capacity_experts(params, x, dispatch, combine)
+      if moe.dispatch == "gather":
+        y = self._gather_experts(params, x, experts, slots, weights, cap)
+      else:
+        dispatch, combine = moe_ops.dispatch_and_combine(experts, slots, weights, n, cap,
+                                                         cfg.compute_dtype)
+        y = self._capacity_experts(params, x, dispatch, combine)
     else:
       stats["dropped_fraction"] = jnp.zeros((), jnp.float32)
       y = self._dropless_experts(params, x, experts, weights * valid[..., None])

@@ -37,7 +37,7 @@ def _expert(p, e, x):
 
 # ----------------------------------------------------------- exact cases --
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "gather", "dropless"])
 def test_one_expert_equals_the_dense_mlp_exactly(dispatch):
   dense_cfg = TransformerConfig(width=WIDTH, depth=2, heads=2, mlp_dim=MLP)
   moe_cfg = dense_cfg.replace(moe=MoEConfig(experts=1, top_k=1, dispatch=dispatch,
@@ -57,7 +57,7 @@ def test_one_expert_equals_the_dense_mlp_exactly(dispatch):
   assert float(aux["metrics"]["moe/expert_load/0"]) == 1.0
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("dispatch", ["capacity", "gather", "dropless"])
 def test_top_k_of_all_experts_without_capacity_is_the_router_weighted_sum(dispatch):
   cfg = _cfg(experts=4, top_k=4, dispatch=dispatch, capacity_factor=None)
   x = _x()
@@ -103,8 +103,9 @@ def test_capacity_slots_follow_the_documented_drop_order():
   np.testing.assert_array_equal(slots[0], [[0, 1], [-1, -1], [0, -1], [1, 2], [2, -1]])
 
 
-def test_capacity_layer_drops_exactly_the_over_capacity_assignments():
-  cfg = _cfg(experts=4, top_k=2, dispatch="capacity", capacity_factor=0.5)  # 2 slots of 8
+@pytest.mark.parametrize("dispatch", ["capacity", "gather"])
+def test_capacity_layer_drops_exactly_the_over_capacity_assignments(dispatch):
+  cfg = _cfg(experts=4, top_k=2, dispatch=dispatch, capacity_factor=0.5)  # 2 slots of 8
   x = _x((2, 8, WIDTH), seed=3)
   layer, p = _layer(cfg, x)
   y, _, stats = layer.apply({"params": p}, x)
@@ -263,16 +264,19 @@ def _digits_losses(mesh, steps=3, **moe):
 MESHES = {"expert4_data2": dict(data=2, expert=4), "expert4_fsdp2": dict(data=1, fsdp=2, expert=4)}
 
 
-@pytest.mark.parametrize("dispatch,meshes", [("capacity", tuple(MESHES)),
-                                             ("dropless", ("expert4_data2",))])
-def test_expert_parallel_meshes_give_the_unsharded_losses(dispatch, meshes):
-  base, _ = _digits_losses(dict(data=1), dispatch=dispatch, capacity_factor=1.0)
-  want = [float(m["train/loss"]) for m in base]
-  assert base[0]["train/aux_loss/moe_load_balancing"] > 0
-  for name in meshes:
+@pytest.mark.parametrize("base,runs", [
+    ("capacity", (("capacity", "expert4_data2"), ("capacity", "expert4_fsdp2"),
+                  ("gather", "expert4_data2"))),
+    ("dropless", (("dropless", "expert4_data2"),))])
+def test_expert_parallel_meshes_give_the_unsharded_losses(base, runs):
+  # The capacity forms drop tokens here (capacity factor 1): the same ones on every mesh.
+  single, _ = _digits_losses(dict(data=1), dispatch=base, capacity_factor=1.0)
+  want = [float(m["train/loss"]) for m in single]
+  assert single[0]["train/aux_loss/moe_load_balancing"] > 0
+  for dispatch, name in runs:
     got, shardings = _digits_losses(MESHES[name], dispatch=dispatch, capacity_factor=1.0)
     np.testing.assert_allclose([float(m["train/loss"]) for m in got], want, rtol=2e-5,
-                               err_msg=name)
+                               err_msg=f"{dispatch} {name}")
     spec = tuple(shardings["backbone"]["layer_0"]["mlp"]["wi"].spec)
     assert spec[0] == "expert", spec  # the experts are split over the mesh axis 'expert'
     if "fsdp" in name:

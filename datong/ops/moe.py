@@ -13,10 +13,12 @@ Routers turn float32 probabilities ``[G, S, E]`` into assignments:
   their probabilities (Zhou et al. 2022); a token may get 0..E experts.
 * ``modality``: a fixed route, token -> the expert of its modality id.
 
-Two dispatch forms compute the same layer when no token is dropped:
-``capacity_slots`` + ``dispatch_and_combine`` (static one-hot tensors for
-einsums, drops over-capacity assignments) and ``sort_by_expert`` (dropless:
-the assignments sorted by expert for ``jax.lax.ragged_dot``).
+Dispatch: ``capacity_slots`` gives every assignment a slot in its expert's
+buffer (or drops it), then either ``dispatch_and_combine`` (static one-hot
+tensors for einsums: TPU-friendly, but ``O(tokens^2)`` per group) or
+``slot_tokens`` (the same buffers by index gather); ``sort_by_expert`` is the
+dropless form (assignments sorted by expert for ``jax.lax.ragged_dot``). All
+compute the same layer when no assignment is dropped.
 """
 
 from __future__ import annotations
@@ -84,6 +86,21 @@ def dispatch_and_combine(experts, slots, weights, num_experts: int, capacity_: i
   dispatch = jnp.einsum("gske,gskc->gsec", e_hot, c_hot)
   combine = jnp.einsum("gske,gskc,gsk->gsec", e_hot, c_hot, weights.astype(jnp.float32))
   return dispatch.astype(dtype), combine.astype(dtype)
+
+
+def slot_tokens(experts, slots, num_experts: int, capacity_: int):
+  """The gather form of ``dispatch_and_combine``: ``(tokens [G, E*C],
+  positions [G, S, k])``. ``tokens[g, e*C + c]`` is the token in slot c of
+  expert e, or S (a zero row appended to the group) when the slot is empty;
+  ``positions`` is each assignment's flat slot ``e*C + c``, or ``E*C`` (a
+  zero row after the expert outputs) when dropped."""
+  g, s, k = experts.shape
+  size = num_experts * capacity_
+  pos = jnp.where(slots >= 0, experts * capacity_ + slots, size).astype(jnp.int32)
+  rows = jnp.broadcast_to(jnp.arange(g)[:, None, None], pos.shape)
+  token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :, None], pos.shape)
+  tokens = jnp.full((g, size), s, jnp.int32).at[rows, pos].set(token, mode="drop")
+  return tokens, pos
 
 
 def expert_choice(probs, valid, capacity_: int, dtype):
