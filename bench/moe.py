@@ -72,8 +72,8 @@ def memory_child(args):
   import tempfile  # pylint: disable=import-outside-toplevel
   from datong.train import loop  # pylint: disable=import-outside-toplevel
   for n in (1, 2, 4, 8):
-    cfg = _config("gpt-pydoc-moe", {"mesh.data": str(8 // n), "mesh.expert": str(n)},
-                  args.smoke)
+    cfg = _config("gpt-pydoc-moe", {"mesh.data": str(8 // n), "mesh.expert": str(n),
+                                    "dispatch": args.memory_dispatch}, args.smoke)
     trainer = loop.Trainer(cfg, tempfile.mkdtemp())
     memory = trainer.compile().memory_analysis()
     print(json.dumps({"expert": n, "params": trainer.params_plan.bytes(),
@@ -85,11 +85,12 @@ def memory(args):
   env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                                      " --xla_force_host_platform_device_count=8").strip(),
          "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child"] + (
-      ["--smoke"] if args.smoke else [])
+  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
+         "--memory-dispatch", args.memory_dispatch] + (["--smoke"] if args.smoke else [])
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
   mib = 1 << 20
-  print("gpt-pydoc-moe train step, 8 CPU devices, data x expert = 8, per device (MiB):")
+  print(f"gpt-pydoc-moe train step (dispatch {args.memory_dispatch}), 8 CPU devices, "
+        "data x expert = 8, per device (MiB):")
   print(f"  {'expert':>6s} {'params':>8s} {'replicated':>10s} {'XLA args':>9s} {'XLA temp':>9s}")
   for line in out.splitlines():
     if line.startswith("{"):
@@ -105,6 +106,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--smoke", action="store_true", help="2 steps, 1 round, short rows")
   parser.add_argument("--skip-memory", action="store_true")
+  parser.add_argument("--memory-dispatch", default="gather",
+                      choices=("capacity", "gather", "dropless"))
   parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.memory_child:

@@ -2,16 +2,18 @@
 
 The ``gpt-pydoc`` model and run with each MLP (768 wide) replaced by a
 mixture of 8 experts 384 wide, 2 per token (GShard top-2, capacity factor
-1.25 per sequence, dropless dispatch: ``jax.lax.ragged_dot``): the same
+1.25 per sequence, the gather form of the capacity dispatch): the same
 active MLP parameters and FLOPs per token (+ a 192 x 8 router per layer),
-4x the MLP parameters (7.1M in the backbone instead of 1.8M). Auxiliary
-losses: Switch load balancing (0.01) and router z-loss (0.001), logged as
-``train/aux_loss/...``; expert load and dropped fraction as
-``train/moe/...``.
+4x the MLP parameters (5.51M parameters in all against the dense 1.97M).
+Auxiliary losses: Switch load balancing (0.01) and router z-loss (0.001),
+logged as ``train/aux_loss/...``; expert load and dropped fraction as
+``train/moe/...``. On the CPU the gather dispatch was the fastest form:
+a step takes 1.32x the dense step (capacity einsums 1.58x, dropless
+``ragged_dot`` 3.57x; ``bench/moe.py``, loaded machine).
 
 Same target as ``gpt-pydoc``: held-out ``eval/bits_per_byte`` below 1.79
-(xz -9). Not yet measured over a full run on a quiet machine (BENCHMARKS.md
-"Mixture of experts" has the step-time ratio to the dense model).
+(xz -9). Only a short run so far (the loss falls); the 10-minute run and
+its comparison with ``gpt-pydoc`` at equal wall time are not measured yet.
 
     datong train gpt-pydoc-moe --workdir /tmp/gpt-pydoc-moe
 """
@@ -30,7 +32,7 @@ def config():
   base = gpt_pydoc.config()
   model = base.task.model
   backbone = model.backbone.replace(moe=MoEConfig(
-      experts=8, top_k=2, expert_dim=model.backbone.mlp_dim // 2, dispatch="dropless",
+      experts=8, top_k=2, expert_dim=model.backbone.mlp_dim // 2, dispatch="gather",
       capacity_factor=1.25, load_balancing_weight=1e-2, router_z_weight=1e-3))
   task = dataclasses.replace(base.task, model=dataclasses.replace(model, backbone=backbone))
   return dataclasses.replace(base, task=task)
