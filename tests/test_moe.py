@@ -307,3 +307,16 @@ def test_moe_metrics_reach_a_tasks_metrics_named_by_tower():
   out = with_aux_losses({"loss": 2.0}, aux)
   assert out == {"loss": 2.0, "moe/dropped_fraction": 0.1, "image/moe/expert_load/0": 0.5,
                  "aux_losses": {"moe_router_z": 1.0}}
+
+
+@pytest.mark.parametrize("name", ["gpt-pydoc-moe", "limoe-digits"])
+def test_moe_recipes_compile_on_an_expert_mesh(name, tmp_path):
+  from datong.train import config as config_lib, loop, recipes  # pylint: disable=import-outside-toplevel
+  small = {"gpt-pydoc-moe": {"task.seq_length": "32"}, "limoe-digits": {}}[name]
+  cfg = config_lib.override(recipes.get(name), {"mesh.data": "2", "mesh.expert": "4",
+                                                "train.batch_size": "8", **small})
+  trainer = loop.Trainer(cfg, str(tmp_path))
+  backbones = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+      trainer.params_plan.shardings)[0] if jax.tree_util.keystr(path).endswith("['wi']")]
+  assert backbones and all(tuple(s.spec)[0] == "expert" for s in backbones)
+  assert trainer.compile().memory_analysis() is not None
