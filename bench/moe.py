@@ -2,7 +2,7 @@
 FLOPs, and parameter / step memory per device with the experts sharded 1, 2,
 4 and 8 ways.
 
-    python bench/moe.py [--steps 10] [--repeats 3] [--smoke]
+    python bench/moe.py [--steps 10] [--repeats 3] [--smoke] [--memory-dispatch gather]
 
 Timing (one device, one process, variants interleaved, median of
 ``--repeats`` rounds; ``bench/step_time.step_runner``): ``gpt-pydoc`` dense
@@ -16,7 +16,7 @@ Memory (a child process on 8 fake CPU devices, ``--xla_force_host_platform
 _device_count=8``): the ``gpt-pydoc-moe`` train step AOT-compiled on meshes
 ``data=8/n x expert=n``; per device, the parameter bytes of the sharding
 plan and XLA's ``memory_analysis`` (arguments: params + Adam moments +
-batch; temporaries).
+batch; temporaries), and the collectives XLA put in the step.
 """
 
 import argparse
@@ -75,10 +75,13 @@ def memory_child(args):
     cfg = _config("gpt-pydoc-moe", {"mesh.data": str(8 // n), "mesh.expert": str(n),
                                     "dispatch": args.memory_dispatch}, args.smoke)
     trainer = loop.Trainer(cfg, tempfile.mkdtemp())
-    memory = trainer.compile().memory_analysis()
+    compiled = trainer.compile()
+    memory, hlo = compiled.memory_analysis(), compiled.as_text()
+    # Which collectives XLA's partitioner chose (the all-to-all of expert parallelism).
+    ops = {op: hlo.count(f" {op}(") for op in ("all-to-all", "all-gather", "all-reduce")}
     print(json.dumps({"expert": n, "params": trainer.params_plan.bytes(),
                       "arguments": memory.argument_size_in_bytes,
-                      "temp": memory.temp_size_in_bytes}), flush=True)
+                      "temp": memory.temp_size_in_bytes, "ops": ops}), flush=True)
 
 
 def memory(args):
@@ -91,13 +94,14 @@ def memory(args):
   mib = 1 << 20
   print(f"gpt-pydoc-moe train step (dispatch {args.memory_dispatch}), 8 CPU devices, "
         "data x expert = 8, per device (MiB):")
-  print(f"  {'expert':>6s} {'params':>8s} {'replicated':>10s} {'XLA args':>9s} {'XLA temp':>9s}")
+  print(f"  {'expert':>6s} {'params':>8s} {'replicated':>10s} {'XLA args':>9s} {'XLA temp':>9s}"
+        "  collectives in the step")
   for line in out.splitlines():
     if line.startswith("{"):
       r = json.loads(line)
       print(f"  {r['expert']:>6d} {r['params']['per_device'] / mib:8.2f} "
             f"{r['params']['replicated'] / mib:10.2f} {r['arguments'] / mib:9.2f} "
-            f"{r['temp'] / mib:9.2f}")
+            f"{r['temp'] / mib:9.2f}  {r['ops']}")
 
 
 def main():
@@ -106,6 +110,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--smoke", action="store_true", help="2 steps, 1 round, short rows")
   parser.add_argument("--skip-memory", action="store_true")
+  parser.add_argument("--skip-timing", action="store_true")
   parser.add_argument("--memory-dispatch", default="gather",
                       choices=("capacity", "gather", "dropless"))
   parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -114,7 +119,8 @@ def main():
     return memory_child(args)
   if args.smoke:
     args.steps, args.repeats = 2, 1
-  time_steps(args)
+  if not args.skip_timing:
+    time_steps(args)
   if not args.skip_memory:
     memory(args)
   return None

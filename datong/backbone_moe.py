@@ -91,7 +91,9 @@ class MoeMlp(nn.Module):
     """The experts on their buffers ``[G, E, C, D]`` -> same shape. Groups
     stay on the batch's data/fsdp shards, experts go to ``expert``."""
     names = ("expert_group", "expert", None, "embed")
-    xin = _constrain(xin, names)
+    local = ("batch", None, None, "embed")
+    # Batch-sharded buffers -> expert-sharded ones: the compiler's all-to-all.
+    xin = _constrain(_constrain(xin, local), names)
 
     def project(kernel, bias):
       y = jnp.einsum("gecd,edm->gecm", xin, kernel)
@@ -99,7 +101,8 @@ class MoeMlp(nn.Module):
     h = _constrain(self._hidden(params, project), ("expert_group", "expert", None, "mlp"))
     kernel, bias = params["wo"]
     out = jnp.einsum("gecm,emd->gecd", h, kernel)
-    return _constrain(out if bias is None else out + bias[None, :, None], names)
+    out = _constrain(out if bias is None else out + bias[None, :, None], names)
+    return _constrain(out, local)  # and back
 
   def _capacity_experts(self, params, x, dispatch, combine):
     """Einsum form: ``x [G, S, D]``, one-hot ``[G, S, E, C]`` -> ``[G, S, D]``."""

@@ -34,6 +34,8 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES = (
     ("batch", BATCH_AXES),
+    # Before embed: the dispatched MoE buffers keep their groups on data/fsdp.
+    ("expert_group", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -44,7 +46,6 @@ RULES = (
     ("layers", None),
     ("patch", None),
     ("expert", "expert"),
-    ("expert_group", ("data", "fsdp")),
 )
 
 # Parameters nobody annotated, smaller than this, stay replicated.
