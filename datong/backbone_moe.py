@@ -221,12 +221,6 @@ class MoeMlp(nn.Module):
     return y, losses, {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
 
 
-def zero_losses(moe: MoEConfig) -> dict:
-  """The losses of a dense layer in a model with MoE layers (every layer of a
-  ``Transformer`` must add the same names)."""
-  return {name: jnp.zeros((), jnp.float32) for name in moe.loss_names()}
-
-
 def moe_metrics(layer_stats: dict, layers: Optional[list] = None) -> dict:
   """Scalar metrics from per-layer stats (name -> ``[moe_layers, ...]``):
   ``moe/dropped_fraction`` and ``moe/expert_load/<e>`` (means over MoE
