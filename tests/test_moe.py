@@ -77,21 +77,23 @@ def test_top_k_of_all_experts_without_capacity_is_the_router_weighted_sum(dispat
     np.testing.assert_allclose(losses["moe_load_balancing"], 1e-2, rtol=1e-6)
 
 
-def test_capacity_dispatch_equals_dropless_when_nothing_is_dropped():
+def test_capacity_gather_and_dropless_agree_when_nothing_is_dropped():
   x = _x((3, 8, WIDTH))
   big = _cfg(experts=4, top_k=2, dispatch="capacity", capacity_factor=2.0)  # 2*2*8/4 = 8 = S
   layer, p = _layer(big, x)
-  drop = MoeMlp(big.replace(moe=big.moe.__class__(**{**big.moe.__dict__, "dispatch": "dropless"})))
+  drop, gather = (MoeMlp(big.replace(moe=big.moe.__class__(**{**big.moe.__dict__, "dispatch": d})))
+                  for d in ("dropless", "gather"))
 
   def loss(layer_, params):
     y, aux, _ = layer_.apply({"params": params}, x)
     return jnp.sum(y * jnp.cos(x)) + sum(aux.values())
 
-  (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(lambda q, m=m: loss(m, q)))(p)
-                      for m in (layer, drop))
-  np.testing.assert_allclose(a, b, rtol=1e-5)
-  for k in p:
-    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  (a, ga), *others = (jax.jit(jax.value_and_grad(lambda q, m=m: loss(m, q)))(p)
+                       for m in (layer, drop, gather))
+  for b, gb in others:
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for k in p:
+      np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6, err_msg=k)
   assert float(layer.apply({"params": p}, x)[2]["dropped_fraction"]) == 0.0
 
 
