@@ -1,4 +1,4 @@
-"""GPT on Python's docs with 8 experts top-2 in every layer: ``gpt-pydoc`` at equal active parameters.
+"""GPT on Python's docs, 8 experts top-2 per layer: ``gpt-pydoc`` at equal active parameters.
 
 The ``gpt-pydoc`` model and run with each MLP (768 wide) replaced by a
 mixture of 8 experts 384 wide, 2 per token (GShard top-2, capacity factor
