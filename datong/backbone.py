@@ -228,6 +228,8 @@ class Block(nn.Module):
   """One Transformer layer (self-attention, optional cross-attention, MLP).
 
   ``layer_bias`` and ``mlp`` are the hooks documented on ``Transformer``.
+  ``moe_layer``: whether this layer's MLP is ``config.moe``'s mixture of
+  experts (None: yes when the config has experts in every layer).
   """
   config: TransformerConfig
   train: bool = False
@@ -235,6 +237,7 @@ class Block(nn.Module):
   return_layers: bool = False
   layer_bias: Optional[Callable[..., nn.Module]] = None
   mlp: Optional[Callable[..., nn.Module]] = None
+  moe_layer: Optional[bool] = None
 
   def _drop_path(self, residual, rate):
     """Stochastic depth: drop the whole branch per example."""
@@ -249,10 +252,21 @@ class Block(nn.Module):
     """``layer_index``: int32 scalar (traced under scan); ``shared``: dict of
     per-call inputs broadcast to every layer (``block_inputs`` builds one).
 
-    Returns ``x, (x or None, new_cache, losses)``; ``losses`` is a dict name ->
-    float32 scalar of this layer's auxiliary losses (``{}`` without any).
+    Returns ``x, (x or None, new_cache, losses, stats)``; ``losses`` is a dict
+    name -> float32 scalar of this layer's auxiliary losses (``{}`` without
+    any); ``stats`` the MoE layer's statistics (``backbone_moe.STAT_NAMES``;
+    ``{}`` on other layers).
     """
     cfg = self.config
+    moe = cfg.moe
+    if moe.experts and self.mlp is not None:
+      raise ValueError("Transformer.mlp replaces the MLP, and config.moe.experts="
+                       f"{moe.experts} asks for experts there: use one of them.")
+    if moe.experts and moe.every > 1 and self.moe_layer is None:
+      raise ValueError(f"config.moe.every={moe.every}: a Block run outside Transformer must "
+                       "be told whether it has experts (Block(..., moe_layer=...)).")
+    use_moe = bool(moe.experts) and self.moe_layer is not False
+    stats: dict[str, jax.Array] = {}
     post = cfg.norm_position == "post"
     res_post = cfg.norm_position == "residual_post"
     dropout = nn.Dropout(cfg.dropout)
@@ -299,6 +313,17 @@ class Block(nn.Module):
       return out
 
     def mlp(h):
+      nonlocal stats
+      if use_moe:
+        # Imported here: backbone_moe builds on this module's parts.
+        from datong.backbone_moe import MoeMlp  # pylint: disable=import-outside-toplevel
+        segments = shared["segment_ids"]
+        out, extra, stats = MoeMlp(cfg, self.train, name="mlp")(
+            h, None if segments is None else segments > 0, shared.get("modality_ids"))
+        _add_losses(losses, extra, "MoeMlp")
+        return out
+      if moe.experts:  # a dense layer between MoE layers adds the same (zero) losses
+        _add_losses(losses, {n: 0.0 for n in moe.loss_names()}, "Block")
       if self.mlp is None:
         return Mlp(cfg, self.train, name="mlp")(h)
       out = self.mlp(cfg, train=self.train, name="mlp")(h)
@@ -313,14 +338,14 @@ class Block(nn.Module):
           h, shared["context"], mask=shared["context_mask"])[0])
     x = residual(x, "mlp", mlp)
     x = _constrain(x, ("batch", "length", "embed"))
-    return x, (x if self.return_layers else None, new_cache, losses)
+    return x, (x if self.return_layers else None, new_cache, losses, stats)
 
 
 # A Block's ``shared`` inputs: ``Transformer``'s call arguments, and
 # ``attention_input_mask`` ``[batch, length]`` bool: False zeroes that position's
 # self-attention input after the pre-norm (Swin's zero padding to whole windows).
 BLOCK_INPUTS = ("mask", "bias", "segment_ids", "kv_segment_ids", "positions", "cache_index",
-                "context", "context_mask", "attention_input_mask")
+                "context", "context_mask", "attention_input_mask", "modality_ids")
 
 
 def block_inputs(**inputs) -> dict:
@@ -347,7 +372,10 @@ class Transformer(nn.Module):
   ``layers`` (``[depth, batch, length, width]``, when ``return_layers``),
   ``cache`` (when decoding with ``cache``) and, only when a layer adds
   auxiliary losses, ``losses`` (name -> float32 scalar, summed over layers)
-  and ``layer_losses`` (name -> ``[depth]``).
+  and ``layer_losses`` (name -> ``[depth]``). With ``config.moe`` experts it
+  also holds ``moe`` (per MoE layer statistics, name -> ``[moe_layers,
+  ...]``) and ``metrics`` (scalars: expert load, dropped fraction, per-layer
+  losses; ``backbone_moe.moe_metrics``), which tasks log as metrics.
 
   Hooks, for architectures that change a layer's parts (module classes or
   ``functools.partial``s of one; each layer builds its own instance, so its
@@ -383,7 +411,7 @@ class Transformer(nn.Module):
   def __call__(self, x, *, causal: bool = False, segment_ids=None, mask=None,
                bias=None, positions=None, context=None, context_mask=None,
                cache=None, cache_index=None, train: bool = False,
-               return_layers: bool = False):
+               return_layers: bool = False, modality_ids=None):
     """Args:
       x: ``[batch, length, width]`` embeddings.
       causal: each position sees only itself and earlier ones.
@@ -400,6 +428,9 @@ class Transformer(nn.Module):
         ``cache_index`` and attention runs over the cache.
       train: enables dropout and stochastic depth (needs a "dropout" rng).
       return_layers: also return every block's output.
+      modality_ids: ``[batch, length]`` ints, the modality of each position
+        (image 0, text 1, ...): the MoE modality router and the per-modality
+        entropy losses read it.
     """
     cfg = self.config
     if x.ndim != 3 or x.shape[-1] != cfg.width:
@@ -408,6 +439,9 @@ class Transformer(nn.Module):
     if cfg.cross_attention != (context is not None):
       raise ValueError("context must be given iff config.cross_attention is True.")
     batch, length = x.shape[:2]
+    if modality_ids is not None and modality_ids.shape != (batch, length):
+      raise ValueError(f"modality_ids must be [batch, length] = {(batch, length)}; "
+                       f"got {modality_ids.shape}.")
     if positions is None and cfg.rope:
       start = 0 if cache is None else cache_index
       positions = jnp.broadcast_to(jnp.arange(length) + start, (batch, length))
@@ -427,7 +461,8 @@ class Transformer(nn.Module):
     x = _constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
     shared = dict(mask=mask, bias=bias, segment_ids=segment_ids,
                   kv_segment_ids=kv_segment_ids, positions=positions,
-                  cache_index=cache_index, context=context, context_mask=context_mask)
+                  cache_index=cache_index, context=context, context_mask=context_mask,
+                  modality_ids=modality_ids)
     drop_rates = cfg.stochastic_depth * jnp.arange(cfg.depth, dtype=jnp.float32) / max(cfg.depth - 1, 1)
     layer_indices = jnp.arange(cfg.depth, dtype=jnp.int32)
 
@@ -443,18 +478,19 @@ class Transformer(nn.Module):
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(0, 0, 0, nn.broadcast), length=cfg.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, (layer_outs, new_cache, layer_losses) = stack(
+      x, (layer_outs, new_cache, layer_losses, moe_stats) = stack(
           cfg, train=train, causal=causal, return_layers=return_layers, **hooks,
           name="layers")(x, layer_indices, drop_rates, cache, shared)
     else:
-      outs, caches, losses = [], [], []
+      outs, caches, losses, stats = [], [], [], []
       for i in range(cfg.depth):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, (out, c, loss) = block(name=f"layer_{i}")(x, layer_indices[i], drop_rates[i],
-                                                     layer_cache, shared)
+        x, (out, c, loss, stat) = block(name=f"layer_{i}", moe_layer=cfg.moe.is_moe_layer(i))(
+            x, layer_indices[i], drop_rates[i], layer_cache, shared)
         outs.append(out)
         caches.append(c)
         losses.append(loss)
+        stats.append(stat)
       layer_outs = jnp.stack(outs) if return_layers else None
       new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
       for i, loss in enumerate(losses):
@@ -462,6 +498,8 @@ class Transformer(nn.Module):
           raise ValueError(f"every layer must add the same auxiliary losses; layer 0 adds "
                            f"{sorted(losses[0])}, layer {i} adds {sorted(loss)}.")
       layer_losses = {k: jnp.stack([loss[k] for loss in losses]) for k in losses[0]}
+      stats = [st for st in stats if st]  # MoE layers only
+      moe_stats = {k: jnp.stack([st[k] for st in stats]) for k in stats[0]} if stats else {}
 
     aux = {"pre_norm": x}
     if return_layers:
@@ -471,6 +509,11 @@ class Transformer(nn.Module):
     if layer_losses:  # no key without losses: aux stays as it was
       aux["losses"] = {k: jnp.sum(v) for k, v in layer_losses.items()}
       aux["layer_losses"] = layer_losses
+    if moe_stats:
+      from datong.backbone_moe import moe_metrics  # pylint: disable=import-outside-toplevel
+      aux["moe"] = moe_stats
+      aux["metrics"] = moe_metrics(moe_stats, [i for i in range(cfg.depth)
+                                               if cfg.moe.is_moe_layer(i)])
     if cfg.has_final_norm:
       x = Norm(cfg, name="final_norm")(x)
     return x, aux

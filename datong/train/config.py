@@ -18,10 +18,12 @@ from typing import Any, Optional
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh ``(data, fsdp, tensor)``; one size may be -1 = the rest."""
+  """Device mesh ``(data, fsdp, tensor, expert)``; one size may be -1 = the
+  rest. ``expert`` shards MoE experts (and, outside them, the batch)."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +190,13 @@ def resolve_names(config, settings: dict[str, Any], *, nodes: bool = False) -> d
   A name is a dotted path (``__`` works as a dot) or its end (``depth``,
   ``decoder.depth``, ``probe.features``) when that matches one field; a
   backbone field's name may match every backbone (``TransformerConfig``) in
-  the tree at once (``depth=2`` sets both CLIP towers). ``nodes``: names of
+  the tree at once (``depth=2`` sets both CLIP towers; so does an MoE field,
+  ``experts=8``). ``nodes``: names of
   nested dataclasses (``task.model.decoder``) are settable too. Unknown and
   ambiguous names raise a ValueError that lists the valid ones.
   """
   from datong.backbone import TransformerConfig  # pylint: disable=import-outside-toplevel
+  from datong.backbone_config import MoEConfig  # pylint: disable=import-outside-toplevel
   names = field_names(config, nodes=nodes)
   out = {}
   for key, value in settings.items():
@@ -210,7 +214,8 @@ def resolve_names(config, settings: dict[str, Any], *, nodes: bool = False) -> d
       raise ValueError(f"Unknown config key {key!r} for {type(config).__name__}.{hint} Valid "
                        f"names: {', '.join(short)} (or a dotted path ending in one, e.g. "
                        f"{max(names, key=lambda n: n.count('.'))!r}).")
-    backbone = [m for m in matches if isinstance(_node(config, m), TransformerConfig)]
+    backbone = [m for m in matches
+                if isinstance(_node(config, m), (TransformerConfig, MoEConfig))]
     if len(matches) > 1 and len(backbone) != len(matches):
       raise ValueError(f"Setting {key!r} is ambiguous in {type(config).__name__}: "
                        f"{', '.join(matches)}. Pass a longer dotted path, e.g. "

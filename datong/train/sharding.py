@@ -1,11 +1,19 @@
 """Mesh, logical-axis rules, and the one function that decides shardings.
 
 Model code names axes logically (``batch, length, embed, heads, kv_heads,
-kv, mlp, vocab, layers, patch``); ``RULES`` maps them to the mesh axes
-``data, fsdp, tensor``. A mesh axis is used at most once per array: flax
-takes the first matching rule whose mesh axes are still free, so ``batch``
-(listed first) wins ``fsdp`` for activations and ``embed`` gets it for
-parameters.
+kv, mlp, vocab, layers, patch, expert, expert_group``); ``RULES`` maps them
+to the mesh axes ``data, fsdp, expert, tensor``. A mesh axis is used at most
+once per array: flax takes the first matching rule whose mesh axes are
+still free, so ``batch`` (listed first) wins ``fsdp`` for activations and
+``embed`` gets it for parameters.
+
+Expert parallelism: MoE expert weights ``[expert, ...]`` are sharded over
+the mesh axis ``expert``, which also shards the batch everywhere else (it is
+one of ``BATCH_AXES``). Inside an MoE layer the dispatched tokens
+``[expert_group, expert, capacity, embed]`` keep their groups over ``data``
+and ``fsdp`` and put experts over ``expert``: the compiler's partitioner
+inserts the all-to-all between the two layouts (no hand-written
+``shard_map``).
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datong.train.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES = (
     ("batch", BATCH_AXES),
+    # Before embed: the dispatched MoE buffers keep their groups on data/fsdp.
+    ("expert_group", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -35,15 +45,17 @@ RULES = (
     ("kv", None),
     ("layers", None),
     ("patch", None),
+    ("expert", "expert"),
 )
 
 # Parameters nobody annotated, smaller than this, stay replicated.
 FSDP_MIN_BYTES = 1 << 16
 
 
-def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-  """Resolve -1 and check that the product equals the device count."""
-  sizes = [config.data, config.fsdp, config.tensor]
+def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """Resolve -1 and check that the product equals the device count; the
+  sizes in ``MESH_AXES`` order."""
+  sizes = [getattr(config, name) for name in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {tuple(sizes)}: at most one axis may be -1.")
   for name, size in zip(MESH_AXES, sizes):
@@ -57,15 +69,18 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
           f"{num_devices} available devices; pick sizes whose product divides {num_devices}.")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
+    named = dict(zip(MESH_AXES, sizes))
+    shown = " x ".join(f"{n}={named[n]}" for n in ("data", "fsdp", "tensor", "expert")
+                       if n != "expert" or named[n] != 1)
     raise ValueError(
-        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+        f"mesh {shown} = {math.prod(sizes)} "
         f"devices, but {num_devices} are available; make the product {num_devices} "
         "(or set one axis to -1).")
   return tuple(sizes)
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-  """A ``(data, fsdp, tensor)`` mesh over all (or the given) devices."""
+  """A ``(data, fsdp, expert, tensor)`` mesh over all (or the given) devices."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(config, len(devices))
   try:
@@ -81,17 +96,22 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis over ``data`` and ``fsdp``; the rest replicated."""
+  """Leading (batch) axis over ``data``, ``fsdp`` and ``expert``; the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch is cut into (mesh data x fsdp x expert)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, microbatches: int = 1):
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh)
   per_micro = batch_size // microbatches
   if per_micro % shards:
     raise ValueError(
         f"train.batch_size={batch_size} / microbatches={microbatches} = {per_micro} examples "
-        f"per pass is not divisible by the {shards} batch shards (mesh data x fsdp); "
+        f"per pass is not divisible by the {shards} batch shards (mesh data x fsdp x expert); "
         f"use a multiple of {shards * microbatches}.")
   if batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={batch_size} is not divisible by the "

@@ -64,19 +64,27 @@ def path_names(path) -> list[str]:
 def with_aux_losses(metrics: Metrics, aux: Mapping) -> Metrics:
   """``metrics`` plus ``"aux_losses"``: every ``losses`` dict in a model's
   (nested) ``aux`` summed by name (an image and a text tower, an encoder
-  and a decoder); ``metrics`` unchanged when the model added none."""
-  found: dict[str, Any] = {}
+  and a decoder); ``metrics`` unchanged when the model added none.
 
-  def walk(node):
+  A model's scalar ``metrics`` dicts (the backbone's MoE expert load and
+  dropped fraction) are added too, named by where they sit in ``aux``
+  (``moe/...`` at the top, ``image/moe/...`` in a tower ``image``)."""
+  found: dict[str, Any] = {}
+  extra: dict[str, Any] = {}
+
+  def walk(node, prefix):
     for key, value in node.items():
       if key == "losses" and isinstance(value, Mapping):
         for name, loss in value.items():
           found[name] = found[name] + loss if name in found else loss
-      elif isinstance(value, Mapping) and key != "layer_losses":
-        walk(value)
+      elif key == "metrics" and isinstance(value, Mapping):
+        extra.update({f"{prefix}{name}": v for name, v in value.items()})
+      elif isinstance(value, Mapping) and key not in ("layer_losses", "moe"):
+        walk(value, f"{prefix}{key}/")
 
-  walk(aux)
-  return {**metrics, "aux_losses": found} if found else metrics
+  walk(aux, "")
+  out = {**metrics, **extra}
+  return {**out, "aux_losses": found} if found else out
 
 
 class Task(abc.ABC):

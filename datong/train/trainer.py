@@ -222,7 +222,7 @@ class Trainer:
   def eval_batches(self, split: str, batch_size: Optional[int] = None) -> Iterator[dict]:
     """Every example of ``split`` once, as global batches with a ``mask``."""
     batch_size = batch_size or self.config.train.batch_size
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    shards = sharding_lib.batch_shards(self.mesh)
     batch_size = -(-batch_size // shards) * shards
     task = self.task
     for batch in data_lib.iterate_once(
