@@ -87,7 +87,7 @@ def test_fit_command_on_a_summary(tmp_path, capsys):
   assert cli.main(["fit", str(tmp_path), "--metric", "eval/loss", "--predict", "N=3e6,D=3e6",
                    "--bootstrap", "20"]) == 0
   out = capsys.readouterr().out
-  assert "L(N, D)" in out and "predicted eval/loss" in out
+  assert "L(N, D)" in out and "predicted eval/loss" in out and "does not resolve" not in out
   rec = json.loads((tmp_path / "fit" / "fit.json").read_text())
   low, high = rec["prediction"]["interval_95"]
   assert low <= _law(3e6, 3e6) <= high
@@ -96,6 +96,17 @@ def test_fit_command_on_a_summary(tmp_path, capsys):
   # A metric the sweep does not have is named, with the ones it has.
   assert cli.main(["fit", str(tmp_path), "--metric", "eval/bits"]) == cli.EXIT_ERROR
   assert "eval/loss" in capsys.readouterr().err
+
+
+def test_a_sweep_that_does_not_resolve_n_is_told_so():
+  n = np.repeat(np.geomspace(1e5, 5e6, 5), 3)
+  d = np.tile([1e5, 2e5, 4e5], 5)
+  rng = np.random.default_rng(0)
+  loss = 12.0 * d ** -0.12 * np.exp(rng.normal(0.0, 0.01, n.size))  # no N dependence
+  rows = [{"point": str(i), "status": "done", "non_embedding_params": a, "tokens": b,
+           "eval/loss": c} for i, (a, b, c) in enumerate(zip(n, d, loss))]
+  notes = " ".join(scaling.fit_sweep(rows, "eval/loss", bootstrap=10)["notes"])
+  assert "does not resolve how the loss scales with N" in notes
 
 
 def test_grid_parsing():

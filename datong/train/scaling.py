@@ -262,7 +262,29 @@ def fit_sweep(rows: list[dict[str, Any]], metric: str, *, params: str = "non_emb
       out["notes"].append(f"L({law}): as many points as constants; the fit passes through them "
                           "and its intervals mean little.")
     out[law] = fit_law(law, n[idx], d[idx], loss[idx], bootstrap=bootstrap, seed=seed)
+  if "ND" in out:
+    out["notes"] += _unresolved_terms(out["ND"], n, d)
   return out
+
+
+def _unresolved_terms(fit: Fit, n: np.ndarray, d: np.ndarray, share: float = 0.02) -> list[str]:
+  """Notes for terms of L(N, D) that the points do not resolve: a term whose
+  change across the sweep is under ``share`` of the loss has no measurable
+  effect, so its constants (and the compute-optimal sizes) are extrapolation."""
+  c = fit.constants()
+  pred = fit.predict(n, d)
+  notes = []
+  for name, term in (("N", c["A"] * n ** -c["alpha"]), ("D", c["B"] * d ** -c["beta"])):
+    spread = float((term.max() - term.min()) / pred.mean())
+    if spread < share:
+      notes.append(f"L(N, D): the {name} term changes the loss by {spread:.2%} across the sweep "
+                   f"(under {share:.0%}): the sweep does not resolve how the loss scales with "
+                   f"{name}, so its constants and the compute-optimal N and D are not "
+                   "meaningful. Train longer or over a wider range of " + name + ".")
+  if c["E"] < 1e-3 * float(pred.min()):
+    notes.append("L(N, D): E fitted at ~0: the irreducible loss is not identified by these "
+                 "points (the loss is still far from any floor).")
+  return notes
 
 
 def plot_fits(result: dict[str, Any], metric: str, directory: str) -> list[str]:
