@@ -5,15 +5,27 @@ decoder's per-layer outputs (HF does not return those: read with forward
 hooks on its decoder layers) at every position. ViT, CLIP's vision tower and
 MAE (encoder and decoder) at new, non-square resolutions equal HF's with
 ``interpolate_pos_encoding=True`` (torch's bicubic, ``ops.posemb``).
+Checkpoints in every spelling (hub, 5.x ``save_pretrained``, 5.x
+``state_dict()``) load to the same parameters.
 """
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_hf import _np, _randomize, _save, check, rel, run, torch_hf  # noqa: F401
+from test_hf import (_load_every_spelling, _np, _randomize, _spellings, check, rel, run,  # noqa: F401
+                     torch_hf)
 
 from datong import hf
+
+
+def _every_spelling(torch, ref, tmp_path, family, pixels, **kw):
+  """``ref`` saved in every spelling (hub, 5.x save_pretrained, 5.x
+  state_dict), each checked to give the same params; the hub one loaded."""
+  def forward(m):
+    out = m(torch.tensor(pixels), **kw)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+  return _load_every_spelling(_spellings(torch, ref, tmp_path, family, forward))
 
 
 def _mae(torch, T, image_size=16):
@@ -54,7 +66,8 @@ def test_mae_encoder_and_decoder_layers_match_hf(torch_hf, tmp_path):
   noise = rs.rand(2, 16).astype(np.float32)
   out, dec_states = _decoder_states(torch, ref, lambda: ref(
       torch.tensor(pixels), noise=torch.tensor(noise), output_hidden_states=True))
-  model, params = hf.load(_save(ref, tmp_path / "mae"))
+  model, params = _every_spelling(torch, ref, tmp_path, "vit_mae", pixels,
+                                  noise=torch.tensor(noise))
   m = hf.mae_masking(noise, model.config.mask_ratio)
   pred, aux = run(model, params, jnp.asarray(pixels.transpose(0, 2, 3, 1)), m.keep_indices,
                   m.restore_indices, return_layers=True)
@@ -106,8 +119,9 @@ def _vit_family_case(torch, T, kind):
 def test_vit_and_clip_vision_at_new_resolutions_match_hf(torch_hf, tmp_path, kind):
   torch, T = torch_hf
   ref = _vit_family_case(torch, T, kind)
-  model, params = hf.load(_save(ref, tmp_path / kind))
   rs = np.random.RandomState(4)
+  model, params = _every_spelling(torch, ref, tmp_path, kind,
+                                  rs.randn(2, 3, 16, 16).astype(np.float32))
   for h, w in SIZES:
     pixels = rs.randn(2, 3, h, w).astype(np.float32)
     with torch.no_grad():
@@ -126,8 +140,10 @@ def test_vit_and_clip_vision_at_new_resolutions_match_hf(torch_hf, tmp_path, kin
 def test_mae_at_new_resolutions_matches_hf(torch_hf, tmp_path):
   torch, T = torch_hf
   ref = _mae(torch, T)
-  model, params = hf.load(_save(ref, tmp_path / "mae"))
   rs = np.random.RandomState(5)
+  model, params = _every_spelling(torch, ref, tmp_path, "vit_mae",
+                                  rs.randn(2, 3, 16, 16).astype(np.float32),
+                                  noise=torch.tensor(rs.rand(2, 16).astype(np.float32)))
   for h, w in SIZES:
     pixels = rs.randn(2, 3, h, w).astype(np.float32)
     noise = rs.rand(2, (h // 4) * (w // 4)).astype(np.float32)
