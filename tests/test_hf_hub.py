@@ -123,3 +123,20 @@ def test_load_tokenizer_without_tokenizer_files_is_named(offline_cache, tmp_path
   (tmp_path / "empty" / "config.json").write_text(json.dumps({}))
   with pytest.raises(hf.UnsupportedError, match="no tokenizer.json or sentencepiece"):
     hf.load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_load_tokenizer_reads_a_sentencepiece_model(offline_cache):
+  spm = pytest.importorskip("sentencepiece", reason="pip install sentencepiece")
+  folder = _snapshot(offline_cache, "org/tiny-spm", "main")
+  corpus = folder.parent.parent / "corpus.txt"
+  corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
+                               "pack my box with five dozen liquor jugs"] * 40))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"),
+                                 vocab_size=32)
+  (folder / "spiece.vocab").unlink()
+  ours = hf.load_tokenizer("org/tiny-spm")  # no tokenizer.json: the sentencepiece model
+  ref = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+  assert ours.vocab_size == ref.get_piece_size() == 32
+  for text in ["the lazy fox", "five dozen jugs, quick!"]:
+    assert ours.encode(text) == ref.encode(text)
+    assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text))
