@@ -33,6 +33,7 @@ from datong.hf.common import (ACTIVATIONS_OUT, State, UnsupportedError, activati
                               backbone_params, block_from_datong, finish, layers_of,
                               patch_kernel_from_datong, patch_kernel_to_datong, put_block,
                               take_block)
+from datong.hf import vit as vit_hf
 from datong.hf.safetensors import read_checkpoint
 from datong.ops.patches import pair
 from datong.ops.posemb import sincos_2d
@@ -49,15 +50,9 @@ LAYER = {"q": "attention.attention.query", "k": "attention.attention.key",
          "fc2": "output.dense", "ln2": "layernorm_after"}
 TABLE = "relative_position_bias.relative_position_bias_table"
 
-# 5.x state_dict() names -> the hub's (= 5.x save_pretrained's).
-RESPELL = (
-    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
-    (r"\.attention\.q_proj\.", ".attention.attention.query."),
-    (r"\.attention\.k_proj\.", ".attention.attention.key."),
-    (r"\.attention\.v_proj\.", ".attention.attention.value."),
-    (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    (r"\.mlp\.fc1\.", ".intermediate.dense."),
-    (r"\.mlp\.fc2\.", ".output.dense."),
+# 5.x state_dict() names -> the hub's (= 5.x save_pretrained's): ViT's
+# layer names, then BEiT's relative-position tables.
+RESPELL = vit_hf.RESPELL + (
     (r"(encoder\.layer\.\d+)\.relative_position_bias\.", r"\1.attention.attention.relative_position_bias."),
     (r"(^|\.)shared_position_bias\.", r"\1encoder.relative_position_bias."),
 )

@@ -287,6 +287,7 @@ class PydocText(tfds.core.GeneratorBasedBuilder):
                    f"{sys.version_info.minor}."}
 
   code_path = None  # as in `Digits`
+  HOMEPAGE = "https://docs.python.org/3/library/pydoc.html"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -297,7 +298,7 @@ class PydocText(tfds.core.GeneratorBasedBuilder):
             "text": tfds.features.Text(),
         }),
         disable_shuffling=True,  # sorted by title
-        homepage="https://docs.python.org/3/library/pydoc.html",
+        homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager):
@@ -310,7 +311,7 @@ class PydocText(tfds.core.GeneratorBasedBuilder):
       yield title, {"title": title, "text": topics[title]}
 
 
-class PysourceText(tfds.core.GeneratorBasedBuilder):
+class PysourceText(PydocText):
   """The Python standard library's `.py` sources, one document per module."""
 
   name = "pysource_text"
@@ -318,24 +319,7 @@ class PysourceText(tfds.core.GeneratorBasedBuilder):
   # release edits them: version the corpus by the full Python version.
   VERSION = tfds.core.Version("{}.{}.{}".format(*sys.version_info[:3]))
   RELEASE_NOTES = {str(VERSION): f"The stdlib sources of Python {sys.version.split()[0]}."}
-
-  code_path = None  # as in `Digits`
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            "title": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-        disable_shuffling=True,  # sorted by module name
-        homepage="https://docs.python.org/3/library/",
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {s: self._generate_examples(s) for s in ("train", "validation")}
+  HOMEPAGE = "https://docs.python.org/3/library/"
 
   def _generate_examples(self, split: str):
     modules = pysource_modules()

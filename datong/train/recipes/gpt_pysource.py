@@ -15,10 +15,10 @@ evaluation scores every token once with >= 128 tokens of context.
 Scaling-law sweeps run on it (``datong sweep gpt-pysource ...``; README).
 """
 
-from datong.backbone import TransformerConfig
-from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
-from datong.train.tasks.text import GPTTaskConfig
-from datong.unimodal.text import TextConfig
+import dataclasses
+
+from datong.train.config import RunConfig
+from datong.train.recipes import gpt_pydoc
 
 NAME = "gpt-pysource"
 METRIC = "eval/bits_per_byte"
@@ -26,15 +26,11 @@ TARGET = None  # reported next to the xz -9 anchor (1.408 on 3.11.7), not a boun
 
 
 def config() -> RunConfig:
-  backbone = TransformerConfig(width=192, depth=4, heads=4, mlp_dim=768, activation="gelu_tanh",
-                               norm_eps=1e-5, kernel_init="normal", init_std=0.02,
-                               use_bias=False)
-  model = TextConfig(backbone=backbone, vocab_size=1024, positions="rope", tie_embeddings=True)
-  return RunConfig(
-      task=GPTTaskConfig(model=model, seq_length=256, z_loss=1e-4, tokenizer="bpe:1024",
-                         dataset="pysource_text"),
-      train=TrainConfig(steps=700, batch_size=8, log_every=25, eval_every=350,
-                        checkpoint_every=0, seed=0),
-      optimizer=OptimizerConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=20,
-                                end_learning_rate_factor=0.1, b2=0.95, weight_decay=0.1,
-                                grad_clip_norm=1.0))
+  """``gpt-pydoc``'s model and optimizer on the code corpus: one pass over
+  1.4M of its 4.4M training tokens, so a higher rate than on 434 KB of docs."""
+  base = gpt_pydoc.config()
+  return dataclasses.replace(
+      base,
+      task=dataclasses.replace(base.task, dataset="pysource_text"),
+      train=dataclasses.replace(base.train, steps=700, eval_every=350),
+      optimizer=dataclasses.replace(base.optimizer, learning_rate=2e-3))
