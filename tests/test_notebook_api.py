@@ -89,7 +89,7 @@ def test_describe_lists_every_leaf_with_axes_and_shardings(vit):
   plain = dn.describe(nn.unbox(params), model=model)
   assert [r.axes for r in plain] == [r.axes for r in table]
   assert all(r.sharding == "" for r in plain)
-  with pytest.raises(ValueError, match="data, fsdp, tensor"):
+  with pytest.raises(ValueError, match="data, fsdp, expert, tensor"):
     dn.describe(params, mesh={"model": 2})
 
 
