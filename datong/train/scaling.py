@@ -9,9 +9,10 @@ training tokens:
 
 Each is fitted as their "approach 3" is: minimise the Huber loss (delta
 1e-3) between the log of the predicted and the log of the measured loss,
-over ``log E, log A, log B, alpha, beta``, with BFGS from a grid of
-starting points, keeping the best. 95% intervals come from a bootstrap:
-resample the points with replacement, refit (from the best starts), take
+over ``log E, log A, log B, alpha, beta``, with BFGS from several starts
+(on a grid of exponents, E, A, B by non-negative least squares), keeping the
+best. 95% intervals come from a bootstrap: resample the points with
+replacement, refit (from the full fit and the resample's own starts), take
 the 2.5 and 97.5 percentiles. A prediction's interval also resamples the
 fit's residuals, so it covers the scatter of a single run, not only the
 uncertainty of the constants.
@@ -75,7 +76,7 @@ def _objective(theta, log_n, log_d, log_l, law, weights):
   dres = np.clip(residual, -HUBER_DELTA, HUBER_DELTA) * weights
   grad = np.einsum("p,ktp,tp->k", dres, grads, soft)
   # Scaled by 1 / delta (same minimiser): the raw values are so small that
-  # L-BFGS would take its first gradient for convergence.
+  # the optimizer would take its first gradient for convergence.
   return float(np.sum(huber * weights)) / HUBER_DELTA, grad / HUBER_DELTA
 
 
