@@ -131,11 +131,12 @@ def test_sentencepiece_adapter(tmp_path):
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "c.txt"
   corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 50))
+  # 32 ids: sentencepiece 0.2 refuses more pieces than this corpus has.
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"),
-                                 vocab_size=40, user_defined_symbols=["[MASK]"])
+                                 vocab_size=32, user_defined_symbols=["[MASK]"])
   tok = SentencePieceTokenizer(str(tmp_path / "m.model"))
   assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"
-  assert tok.vocab_size == 40 and tok.mask_id != tok.pad_id
+  assert tok.vocab_size == 32 and tok.mask_id != tok.pad_id
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
