@@ -19,8 +19,7 @@ from test_hf import _tiny_gpt, _tiny_vit
 @pytest.fixture(scope="module")
 def mesh():
   devices = np.asarray(jax.devices()[:8])
-  if devices.size < 8:
-    pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+  assert devices.size == 8, "tests/conftest.py gives 8 fake CPU devices; run under pytest"
   return Mesh(devices.reshape(1, 4, 2), ("data", "fsdp", "tensor"))
 
 
