@@ -61,6 +61,7 @@ class DigitsTaskConfig:
   nan_loss: bool = False  # tests: every loss is NaN (also when DIGITS_NAN_LOSS=1 is set, so a
   # resumed run can turn NaN without a settings change, which a resume refuses)
   aux_l2: float = 0.0  # tests: weight of an auxiliary loss inside the backbone
+  ema_decay: float = 0.0  # tests: > 0 keeps a frozen EMA copy of the head (``post_update``)
 
   def build(self):
     return DigitsTask(self)
@@ -85,15 +86,37 @@ class DigitsTask(Task):
     return {"image": image, "label": np.int32(example["label"])}
 
   def init(self, rng, batch):
-    return self.model.init(rng, jnp.zeros(batch["image"].shape, jnp.uint8))
+    variables = self.model.init(rng, jnp.zeros(batch["image"].shape, jnp.uint8))
+    if not self.config.ema_decay:
+      return variables
+    params = dict(variables["params"])
+    # A frozen EMA copy of the head and a running sum of the batches' mean labels.
+    params["ema"] = {"head": params["head"], "label_sum": jnp.zeros((), jnp.float32)}
+    return {**variables, "params": params}
+
+  def trainable(self, params):
+    if not self.config.ema_decay:
+      return None
+    return {k: jax.tree.map(lambda _, frozen=(k == "ema"): not frozen, v) for k, v in params.items()}
+
+  def post_update(self, params, stats, step):
+    if not self.config.ema_decay:
+      return params
+    d = self.config.ema_decay
+    head = jax.tree.map(lambda e, p: d * e + (1 - d) * p, params["ema"]["head"], params["head"])
+    return {**params, "ema": {"head": head,
+                              "label_sum": params["ema"]["label_sum"] + stats["mean_label"]}}
 
   def loss(self, params, batch, rng, *, train=True):
+    params = {k: v for k, v in params.items() if k != "ema"}
     logits, aux = self.model.apply({"params": params}, batch["image"], train=train,
                                    return_aux=True, rngs={"dropout": rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     if self.config.nan_loss or os.environ.get("DIGITS_NAN_LOSS") == "1":
       loss = loss * jnp.nan
     metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if self.config.ema_decay:
+      metrics["update_stats"] = {"mean_label": jnp.mean(batch["label"].astype(jnp.float32))}
     if "losses" in aux:  # the engine adds them to the objective
       metrics["aux_losses"] = aux["losses"]
     return loss, metrics
@@ -101,6 +124,7 @@ class DigitsTask(Task):
   def evaluate(self, params, ctx):
     if os.environ.get("DIGITS_SIGINT_IN_EVAL") == "1":  # tests: Ctrl-C during evaluation
       os.kill(os.getpid(), signal.SIGINT)
+    params = {k: v for k, v in params.items() if k != "ema"}
     apply = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
     correct = total = 0
     for batch in ctx.batches(self.eval_split):

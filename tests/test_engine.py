@@ -144,6 +144,56 @@ def test_aux_losses_from_inside_the_backbone_are_minimized_and_logged(tmp_path, 
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_post_update_keeps_a_frozen_ema_with_no_optimizer_state_and_resumes_exactly(
+    tmp_path, microbatches):
+  """``Task.post_update``: a frozen EMA of the head (the formula, after the
+  optimizer's update), statistics from ``loss`` (averaged over microbatches),
+  no optimizer moments for frozen leaves, bitwise resume, skipped on NaN."""
+  from datong.train import data as data_lib  # pylint: disable=import-outside-toplevel
+  decay = 0.9
+  cfg = _with_task(_config(steps=4, microbatches=microbatches), ema_decay=decay)
+  trainer = loop.Trainer(cfg, str(tmp_path / "t"))
+  sizes = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  params = trainer.abstract_state.params
+  trainable = sizes(params) - sizes(params["ema"])
+  opt_size = sizes(trainer.abstract_state.opt_state)
+  assert trainable * 2 <= opt_size < trainable * 2 + 8  # Adam's mu and nu, a count: no "ema"
+
+  state = trainer.init_state()
+  init = jax.device_get(state.params)
+  it = trainer.train_iterator()
+  batches = [next(it) for _ in range(3)]
+  it.close()
+  for batch in batches:
+    state, _ = trainer.step(state, data_lib.to_global(batch, trainer.batch_sharding))
+  out = jax.device_get(state.params)
+  expected = sum(float(np.mean(b["label"].astype(np.float32))) for b in batches)
+  np.testing.assert_allclose(out["ema"]["label_sum"], expected, rtol=1e-6)
+  # One step (no warmup, so the head moves) by hand: ema_1 = d * ema_0 + (1 - d) * head_1.
+  one = loop.Trainer(cfg.__class__(**{**cfg.__dict__, "optimizer": OptimizerConfig(
+      learning_rate=3e-3, warmup_steps=0)}), str(tmp_path / "one"))
+  s1, _ = one.step(one.init_state(), data_lib.to_global(batches[0], one.batch_sharding))
+  s1 = jax.device_get(s1.params)
+  for e1, e0, h1 in zip(jax.tree.leaves(s1["ema"]["head"]), jax.tree.leaves(init["head"]),
+                        jax.tree.leaves(s1["head"])):
+    np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * h1, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(e1, e0) and not np.array_equal(h1, e0)
+
+  full, half = str(tmp_path / "full"), str(tmp_path / "half")
+  loop.train(cfg, full, progress=False, evaluate=False)
+  loop.train(cfg, half, progress=False, stop_at=2)
+  loop.train(cfg, half, progress=False, evaluate=False)
+  for a, b in zip(jax.tree.leaves(_params(half)), jax.tree.leaves(_params(full))):
+    np.testing.assert_array_equal(a, b)
+
+  nan = _with_task(_config(steps=2, on_nonfinite="skip"), ema_decay=decay, nan_loss=True)
+  loop.train(nan, str(tmp_path / "nan"), progress=False, evaluate=False)
+  for a, b in zip(jax.tree.leaves(_params(str(tmp_path / "nan"))["ema"]),
+                  jax.tree.leaves(init["ema"])):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_outputs_metrics_tensorboard_and_plots(tmp_path):
   workdir = str(tmp_path / "run")
   result = loop.train(_config(steps=4), workdir, progress=False)

@@ -41,12 +41,28 @@ def _scale_leaves(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def _freeze(trainable) -> optax.GradientTransformation:
-  """Zero the updates of frozen leaves, so ``p + 0`` leaves them bitwise unchanged."""
+def only_trainable(tree, trainable):
+  """``tree`` with the leaves that ``trainable`` marks False replaced by
+  ``None`` (an empty subtree): the view of the params the optimizer sees."""
+  if trainable is None or tree is None:
+    return tree
+  return jax.tree.map(lambda t, x: x if t else None, trainable, tree)
+
+
+def _trainable_only(tx: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+  """``tx`` on the trainable leaves alone: frozen leaves (a LiT tower, a
+  teacher, an EMA copy) have no moments in the optimizer state, count in no
+  gradient norm, and get a zero update, so ``p + 0`` leaves them bitwise
+  unchanged."""
+  def init(params):
+    return tx.init(only_trainable(params, trainable))
+
   def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable), state
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    kept, state = tx.update(only_trainable(updates, trainable), state,
+                            None if params is None else only_trainable(params, trainable))
+    return jax.tree.map(lambda t, g, u: u if t else jnp.zeros_like(g),
+                        trainable, updates, kept), state
+  return optax.GradientTransformation(init, update)
 
 
 # Quintic Newton-Schulz coefficients from Muon (Jordan et al., 2024): five
@@ -156,14 +172,17 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, *,
   """AdamW or Muon (decoupled weight decay) with clipping; returns (tx, schedule).
 
   ``weight_decay_mask``, ``trainable`` and ``lr_scale`` are pytrees shaped
-  like the params (bools, bools, floats) or None. Muon treats the leaves
+  like the params (bools, bools, floats) or None; leaves that
+  ``trainable`` marks False are frozen and have no optimizer state
+  (``only_trainable`` is the params view the optimizer state is built on).
+  Muon treats the leaves
   that ``weight_decay_mask`` decays as its matrices (every leaf of two or
   more axes when the mask is None): the hidden kernels, not embeddings.
   """
   lr = schedule(config, total_steps)
+  weight_decay_mask = only_trainable(weight_decay_mask, trainable)
+  lr_scale = only_trainable(lr_scale, trainable)
   parts = []
-  if trainable is not None:
-    parts.append(_freeze(trainable))  # frozen grads count in no norm or moment
   if config.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.algorithm == "muon":
@@ -176,6 +195,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, *,
   parts.append(optax.scale_by_learning_rate(lr))
   if lr_scale is not None:
     parts.append(_scale_leaves(lr_scale))
-  if trainable is not None:
-    parts.append(_freeze(trainable))
-  return optax.chain(*parts), lr
+  tx = optax.chain(*parts)
+  if trainable is not None and not all(jax.tree.leaves(trainable)):
+    tx = _trainable_only(tx, trainable)
+  return tx, lr

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -190,14 +190,19 @@ def plan_params(init_fn: Callable[..., Any], *args, mesh: Mesh, rules=RULES) -> 
   return ShardingPlan(plain, jax.tree.map(leaf_sharding, boxed, is_leaf=_is_box))
 
 
-def plan_like_params(tree_abstract, params: ShardingPlan, mesh: Mesh) -> ShardingPlan:
+def plan_like_params(tree_abstract, params: ShardingPlan, mesh: Mesh,
+                     view: Optional[Callable[[Any], Any]] = None) -> ShardingPlan:
   """Shardings for optimizer state: params-shaped subtrees follow the params.
 
   Optax keeps moments as trees with the params' structure (``mu``, ``nu``);
   every such subtree gets the params' shardings, any other leaf (step
-  counts) is replicated.
+  counts) is replicated. ``view`` maps a params-shaped tree to the one the
+  optimizer state is built on (``optim.only_trainable``: frozen leaves
+  dropped); subtrees shaped like the view follow the view of the shardings.
   """
-  params_def = jax.tree.structure(params.abstract)
+  view = view or (lambda tree: tree)
+  params_def = jax.tree.structure(view(params.abstract))
+  shardings = view(params.shardings)
   replicated = NamedSharding(mesh, P())
 
   def is_params_like(x):
@@ -205,7 +210,7 @@ def plan_like_params(tree_abstract, params: ShardingPlan, mesh: Mesh) -> Shardin
 
   def assign(x):
     if is_params_like(x):
-      return params.shardings
+      return shardings
     return jax.tree.map(lambda _: replicated, x)
 
   shardings = jax.tree.map(assign, tree_abstract, is_leaf=is_params_like)

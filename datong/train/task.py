@@ -118,6 +118,10 @@ class Task(abc.ABC):
     ``train/task_loss`` and ``train/aux_loss/<name>``; with microbatches,
     each is averaged over them like the loss. ``evaluate`` reads only the
     returned loss.
+
+    Statistics for ``post_update`` (code assignment counts, a teacher's
+    mean output): a pytree of float arrays under the metric key
+    ``"update_stats"``; averaged over microbatches, never logged.
     """
 
   @abc.abstractmethod
@@ -157,6 +161,22 @@ class Task(abc.ABC):
   def tokens_per_example(self) -> int:
     """Sequence positions processed per example (tokens, patches); for tokens/s."""
     return 0
+
+  # --- non-gradient updates ---
+  def post_update(self, params, stats, step: jax.Array):
+    """``params`` after a non-gradient update; runs in the jitted step after
+    the optimizer's update (and is skipped with it on a NaN/inf step).
+
+    For state that gradients do not train: an EMA codebook, an EMA teacher,
+    DINO's output center. Keep such leaves in ``params`` (so they are
+    sharded by their logical names, checkpointed and restored with the
+    rest) and mark them False in ``trainable`` (so they have no optimizer
+    state). ``stats`` is what ``loss`` reported under ``"update_stats"``
+    (None if nothing); ``step`` is the int32 step count before this update.
+    Pure and jittable. Default: ``params`` unchanged.
+    """
+    del stats, step
+    return params
 
   # --- optimizer hooks ---
   def trainable(self, params) -> Optional[Any]:

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from datong.train import data as data_lib
 from datong.train import sharding as sharding_lib
 from datong.train.config import RunConfig
-from datong.train.optim import make_optimizer
+from datong.train.optim import make_optimizer, only_trainable
 from datong.train.task import EvalContext, Task
 
 
@@ -78,13 +78,15 @@ class Trainer:
           lambda rng: self.task.init(rng, self.batch_spec)["params"],
           rng_spec, mesh=self.mesh)
     abstract_params = self.params_plan.abstract
+    trainable = self.task.trainable(abstract_params)
     self.tx, self.schedule = make_optimizer(
         config.optimizer, tc.steps,
         weight_decay_mask=self.task.weight_decay_mask(abstract_params),
-        trainable=self.task.trainable(abstract_params),
-        lr_scale=self.task.learning_rate_scale(abstract_params))
+        trainable=trainable, lr_scale=self.task.learning_rate_scale(abstract_params))
     opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
-    self.opt_plan = sharding_lib.plan_like_params(opt_abstract, self.params_plan, self.mesh)
+    self.opt_plan = sharding_lib.plan_like_params(
+        opt_abstract, self.params_plan, self.mesh,
+        view=lambda tree: only_trainable(tree, trainable))
     self.state_shardings = TrainState(
         step=self.replicated, params=self.params_plan.shardings,
         opt_state=self.opt_plan.shardings, rng=self.replicated)
@@ -163,17 +165,23 @@ class Trainer:
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     grads, (losses, metrics) = jax.lax.scan(body, zeros, (jnp.arange(m), micro))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics), grads
+    # Mean over microbatches (axis 0): scalars, and the arrays of update_stats.
+    return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, 0), metrics), grads
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     loss, task_metrics, grads = self._grads(state.params, batch, rng)
+    task_metrics = dict(task_metrics)
+    stats = task_metrics.pop("update_stats", None)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(params, opt_state):
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      params = optax.apply_updates(params, updates)
+      # The task's non-gradient update (EMA codebook or teacher), after the
+      # optimizer's; skipped with it on a non-finite step.
+      return self.task.post_update(params, stats, state.step), opt_state
 
     # A non-finite step leaves params and optimizer state untouched. A cond,
     # not a select of new vs old state: the select keeps the old donated state
