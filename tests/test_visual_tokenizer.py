@@ -7,8 +7,9 @@ import numpy as np
 
 from datong.backbone import TransformerConfig
 from datong.ops import vq
-from datong.unimodal.visual_tokenizer import (VQVAE, VQVAEConfig, kmeans_init, restart_dead,
-                                              vqvae_loss)
+from datong.unimodal.visual_tokenizer import (VQVAE, VQVAEConfig, codebook_statistics,
+                                              init_codebook_state, kmeans_init, restart_dead,
+                                              update_codebook, vqvae_loss)
 
 CODEBOOK = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
 Z = np.array([[0.1, 0.2], [0.9, -0.1], [0.2, 1.5], [0.6, 0.1]], np.float32)
@@ -96,3 +97,81 @@ def test_vqvae_shapes_kmeans_init_and_gradients_reach_encoder_and_codebook():
                                images, jax.random.PRNGKey(3))
   assert bool(dead[0]) and float(jnp.abs(params2["codebook"][0]).max()) < 1e3
   del loss
+
+
+def _tiny_cfg(**kw):
+  bb = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32)
+  return VQVAEConfig(bb, bb, image_size=8, patch_size=2, channels=1, codebook_size=3,
+                     code_dim=2, **kw)
+
+
+def test_training_codebook_update_ema_and_dead_code_restart_by_hand():
+  """``codebook_statistics`` are the batch's assignment shares; ``update_codebook``
+  is the EMA formula on them, and restarts a code whose share fell below
+  threshold / K at its candidate."""
+  decay, eps = 0.9, 1e-5
+  cfg = _tiny_cfg(codebook_update="ema", ema_decay=decay, dead_code_threshold=0.5)
+  params = init_codebook_state({"codebook": jnp.asarray(CODEBOOK)}, cfg)
+  np.testing.assert_allclose(params["codebook_ema"]["sums"] / params["codebook_ema"]["counts"][:, None],
+                             CODEBOOK, rtol=1e-6)
+  aux = {"z": jnp.asarray(Z)[None], "ids": jnp.asarray(IDS)[None]}
+  stats = codebook_statistics(aux, cfg, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(stats["counts"], [0.25, 0.5, 0.25])
+  np.testing.assert_allclose(stats["sums"], np.stack([Z[IDS == k].sum(0) for k in range(3)]) / 4,
+                             rtol=1e-6)
+  assert all(any(np.array_equal(c, z) for z in Z) for c in np.asarray(stats["candidates"]))
+  out = update_codebook(params, stats, cfg)
+  counts = decay / 3 + (1 - decay) * np.array([0.25, 0.5, 0.25])
+  sums = decay * CODEBOOK / 3 + (1 - decay) * np.asarray(stats["sums"])
+  smoothed = (counts + eps) / (counts.sum() + 3 * eps) * counts.sum()
+  np.testing.assert_allclose(out["codebook_ema"]["counts"], counts, rtol=1e-6)
+  np.testing.assert_allclose(out["codebook"], sums / smoothed[:, None], rtol=1e-5, atol=1e-7)
+  # Code 1 unused for a while: its share decays below 0.5 / 3 and it restarts.
+  unused = {**stats, "counts": jnp.array([0.5, 0.0, 0.5]),
+            "candidates": jnp.asarray([[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]])}
+  p = params
+  for step in range(20):
+    p = update_codebook(p, unused, cfg)
+    share = np.asarray(p["codebook_ema"]["counts"])[1]
+    if np.array_equal(np.asarray(p["codebook"])[1], [8.0, 8.0]):
+      break
+  assert step > 0 and share == np.float32(1 / 3)  # restarted once below the threshold, share reset
+  np.testing.assert_allclose(p["codebook_ema"]["sums"][1], np.array([8.0, 8.0]) / 3)
+  # "loss" mode: the codebook stays the optimizer's except for restarts.
+  loss_cfg = _tiny_cfg(dead_code_threshold=0.5)
+  p = init_codebook_state({"codebook": jnp.asarray(CODEBOOK)}, loss_cfg)
+  np.testing.assert_array_equal(update_codebook(p, stats, loss_cfg)["codebook"], CODEBOOK)
+
+
+def test_vqvae_task_trains_ema_codebook_in_the_engine_and_beit_reads_the_run(tmp_path):
+  """A tiny ``vqvae-digits`` run with the EMA codebook and restarts: the
+  codebook leaves have no optimizer state, the codebook is the EMA state's
+  ratio after training, and a BEiT task reads the run as its tokenizer."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from datong.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from datong.train import config as config_lib, loop, recipes  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.override(recipes.get("vqvae-digits"), {
+      "train.steps": "3", "train.batch_size": "16", "train.log_every": "1",
+      "task.kmeans_images": "64", "task.png_examples": "0", "task.model.codebook_update": "ema",
+      "task.model.dead_code_threshold": "0.05"})
+  trainer = loop.Trainer(cfg, str(tmp_path / "t"))
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  params = trainer.abstract_state.params
+  frozen = size(params["codebook"]) + size(params["codebook_ema"])
+  # Adam's two moments (and a count) of the trainable leaves only: codebook, EMA state frozen
+  assert size(trainer.abstract_state.opt_state) - 2 * (size(params) - frozen) < 8
+  workdir = str(tmp_path / "vq")
+  result = loop.train(cfg, workdir, progress=False)
+  assert 0 < result.metrics["eval/codebook_usage"] <= 1
+  params = ckpt_lib.load_params(workdir)
+  init = jax.device_get(trainer.init_state().params)
+  assert not np.allclose(params["codebook"], init["codebook"])
+  ema = params["codebook_ema"]
+  n = ema["counts"].sum()
+  smoothed = (ema["counts"] + 1e-5) / (n + 64 * 1e-5) * n
+  np.testing.assert_allclose(params["codebook"], ema["sums"] / smoothed[:, None], rtol=1e-4,
+                             atol=1e-6)
+  beit = recipes.get("beit-digits").task
+  beit = dataclasses.replace(beit, tokenizer="vqvae", tokenizer_path=workdir, kmeans_images=64)
+  task = beit.build()
+  assert "codebook_ema" not in task.tokenizer_params

@@ -60,20 +60,34 @@ def ema_init(codebook) -> EMAState:
   return EMAState(jnp.ones(codebook.shape[0], jnp.float32), jnp.asarray(codebook, jnp.float32))
 
 
+def assignment_stats(z, ids, k: int):
+  """``(counts [K], sums [K, d])``: how many of the vectors ``z [..., d]``
+  each code was assigned (``ids [...]``) and the sum of those vectors."""
+  z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  onehot = jax.nn.one_hot(ids.reshape(-1), k, dtype=jnp.float32)
+  return onehot.sum(0), onehot.T @ z
+
+
+def ema_step(state: EMAState, counts, sums, decay: float = 0.99, eps: float = 1e-5):
+  """``ema_update`` from a batch's ``assignment_stats`` (or any common
+  rescaling of both, e.g. shares of the batch). Returns ``(new state,
+  codebook)``."""
+  k = state.counts.shape[0]
+  counts = decay * state.counts + (1.0 - decay) * counts
+  sums = decay * state.sums + (1.0 - decay) * sums
+  n = counts.sum()
+  smoothed = (counts + eps) / (n + k * eps) * n
+  return EMAState(counts, sums), sums / smoothed[:, None]
+
+
 def ema_update(state: EMAState, z, ids, decay: float = 0.99, eps: float = 1e-5):
   """One EMA step (van den Oord et al. 2017, appendix): ``counts <- decay *
   counts + (1 - decay) * n_k``, ``sums <- decay * sums + (1 - decay) *
   sum_{i: id_i = k} z_i``, codebook ``= sums / n~`` with Laplace smoothing
   ``n~ = (counts + eps) / (N + K eps) * N`` (``N = sum counts``).
   Returns ``(new state, new codebook [K, d])``."""
-  k = state.counts.shape[0]
-  z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
-  onehot = jax.nn.one_hot(ids.reshape(-1), k, dtype=jnp.float32)
-  counts = decay * state.counts + (1.0 - decay) * onehot.sum(0)
-  sums = decay * state.sums + (1.0 - decay) * onehot.T @ z
-  n = counts.sum()
-  smoothed = (counts + eps) / (n + k * eps) * n
-  return EMAState(counts, sums), sums / smoothed[:, None]
+  counts, sums = assignment_stats(z, ids, state.counts.shape[0])
+  return ema_step(state, counts, sums, decay, eps)
 
 
 def kmeans(rng, x, k: int, iterations: int = 20):

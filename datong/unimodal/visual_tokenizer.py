@@ -9,10 +9,17 @@ patch, so a BEiT with the same patch size reads the ids as its targets
 (``VQVAE.tokens``).
 
 The codebook is initialized from data by k-means on encoder outputs
-(``kmeans_init``) and trained with the codebook loss; ``ops.vq`` also has the
-EMA update and dead-code restarts (``restart_dead``, applied here to the
-parameters between training runs or by a custom loop: the engine changes
-parameters only through gradients).
+(``kmeans_init``) and trained either by the codebook loss
+(``codebook_update="loss"``) or by exponential moving averages of the
+vectors assigned to each code (``"ema"``, VQ-VAE's appendix). With
+``dead_code_threshold > 0``, codes whose moving-average share of the
+assignments falls below that fraction of the uniform share ``1 / K`` move
+to random encoder outputs of the current batch. Both non-gradient updates
+are pure functions of the step's ``codebook_statistics``
+(``update_codebook``), which a train step applies after the optimizer's
+update (``Task.post_update``); their state is the frozen ``codebook_ema``
+params (``init_codebook_state``). ``restart_dead`` does one restart from a
+set of images, outside training.
 
     cfg = VQVAEConfig(TransformerConfig.preset("tiny"), TransformerConfig.preset("tiny"),
                       image_size=8, patch_size=2, channels=1, codebook_size=64)
@@ -46,6 +53,9 @@ class VQVAEConfig:
   codebook_size: int = 256
   code_dim: int = 16
   commitment: float = 0.25  # weight of the commitment loss (VQ-VAE's beta)
+  codebook_update: str = "loss"  # "loss" (gradient of the codebook loss) or "ema"
+  ema_decay: float = 0.99  # of the assignment shares and sums (also tracked for restarts)
+  dead_code_threshold: float = 0.0  # restart codes below this fraction of the uniform share
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", pair(self.image_size))
@@ -56,6 +66,19 @@ class VQVAEConfig:
         raise ValueError(f"VQVAEConfig.{field}={getattr(self, field)}: must be positive.")
     if self.commitment < 0:
       raise ValueError(f"VQVAEConfig.commitment={self.commitment}: must be >= 0.")
+    if self.codebook_update not in ("loss", "ema"):
+      raise ValueError(f"VQVAEConfig.codebook_update={self.codebook_update!r}: use 'loss' "
+                       "(the codebook loss trains the codes) or 'ema' (moving averages).")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"VQVAEConfig.ema_decay={self.ema_decay}: must be in [0, 1).")
+    if not 0.0 <= self.dead_code_threshold < 1.0:
+      raise ValueError(f"VQVAEConfig.dead_code_threshold={self.dead_code_threshold}: a "
+                       "fraction of the uniform share 1/K in [0, 1); 0 turns restarts off.")
+
+  @property
+  def tracks_usage(self) -> bool:
+    """Whether training keeps the ``codebook_ema`` state (EMA codes or restarts)."""
+    return self.codebook_update == "ema" or self.dead_code_threshold > 0
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -126,10 +149,14 @@ class VQVAE(nn.Module):
 
 
 def vqvae_loss(recon, images, aux, config: VQVAEConfig):
-  """Pixel MSE + codebook loss + ``commitment`` x commitment loss; metrics
-  add codebook usage and perplexity of the batch's ids."""
+  """Pixel MSE + codebook loss + ``commitment`` x commitment loss (the
+  codebook loss is left out with ``codebook_update="ema"``: the moving
+  averages move the codes); metrics add codebook usage and perplexity of
+  the batch's ids."""
   mse = jnp.mean((recon.astype(jnp.float32) - images.astype(jnp.float32)) ** 2)
-  loss = mse + aux["codebook_loss"] + config.commitment * aux["commitment_loss"]
+  loss = mse + config.commitment * aux["commitment_loss"]
+  if config.codebook_update == "loss":
+    loss = loss + aux["codebook_loss"]
   return loss, {"loss": loss, "recon_mse": mse, "codebook_loss": aux["codebook_loss"],
                 **vq.codebook_metrics(aux["ids"], config.codebook_size)}
 
@@ -140,6 +167,52 @@ def kmeans_init(model: VQVAE, params, images, rng, iterations: int = 20):
   z = model.apply({"params": params}, images, method=VQVAE.encode)
   centroids, _ = vq.kmeans(rng, z.reshape(-1, z.shape[-1]), model.config.codebook_size, iterations)
   return {**params, "codebook": centroids}
+
+
+def init_codebook_state(params, config: VQVAEConfig):
+  """``params`` plus ``codebook_ema``: ``counts [K]`` (moving-average share of
+  the assignments, starting uniform at ``1 / K``) and ``sums [K, d]``
+  (moving average of the assigned vectors' share-weighted sum, starting at
+  ``codebook / K``, so ``sums / counts`` is the codebook)."""
+  k = config.codebook_size
+  counts = jnp.full((k,), 1.0 / k, jnp.float32)
+  return {**params, "codebook_ema": {"counts": counts,
+                                     "sums": params["codebook"].astype(jnp.float32) / k}}
+
+
+def codebook_statistics(aux, config: VQVAEConfig, rng):
+  """A train step's statistics for ``update_codebook``: ``counts [K]`` and
+  ``sums [K, d]`` (``ops.vq.assignment_stats`` divided by the number of
+  vectors: shares, so microbatches average them correctly) and
+  ``candidates [K, d]``: encoder outputs drawn at random, where dead codes
+  restart (with microbatches, the engine averages these too)."""
+  z = jax.lax.stop_gradient(aux["z"])
+  z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+  counts, sums = vq.assignment_stats(z, aux["ids"], config.codebook_size)
+  picks = jax.random.randint(rng, (config.codebook_size,), 0, z.shape[0])
+  return {"counts": counts / z.shape[0], "sums": sums / z.shape[0], "candidates": z[picks]}
+
+
+def update_codebook(params, stats, config: VQVAEConfig):
+  """``params`` after one step's non-gradient codebook update: the moving
+  averages of ``codebook_ema`` (and, with ``codebook_update="ema"``, the
+  codebook from them: ``ops.vq.ema_step``); then the restart of codes whose
+  share is below ``dead_code_threshold / K`` at a candidate (their share
+  reset to ``1 / K``)."""
+  ema = params["codebook_ema"]
+  state, codebook = vq.ema_step(vq.EMAState(ema["counts"], ema["sums"]), stats["counts"],
+                                stats["sums"], config.ema_decay)
+  if config.codebook_update == "loss":
+    codebook = params["codebook"].astype(jnp.float32)
+  counts, sums = state.counts, state.sums
+  if config.dead_code_threshold > 0:
+    k = config.codebook_size
+    dead = counts * k < config.dead_code_threshold
+    codebook = jnp.where(dead[:, None], stats["candidates"], codebook)
+    counts = jnp.where(dead, 1.0 / k, counts)
+    sums = jnp.where(dead[:, None], stats["candidates"] / k, sums)
+  return {**params, "codebook": codebook.astype(params["codebook"].dtype),
+          "codebook_ema": {"counts": counts, "sums": sums}}
 
 
 def restart_dead(model: VQVAE, params, images, rng, threshold: float = 1.0):

@@ -37,7 +37,9 @@ from datong.train.tasks.probes import ProbeConfig, real_rows
 from datong.train.tasks.vision import _ImageTask, _MIMTask, _spec
 from datong.unimodal.beit import BEiT, BEiTConfig, beit_loss, beit_masking
 from datong.unimodal.masked_image import save_reconstruction_grid
-from datong.unimodal.visual_tokenizer import VQVAE, VQVAEConfig, kmeans_init, vqvae_loss
+from datong.unimodal.visual_tokenizer import (VQVAE, VQVAEConfig, codebook_statistics,
+                                              init_codebook_state, kmeans_init, update_codebook,
+                                              vqvae_loss)
 
 TOKENIZERS = ("kmeans", "vqvae", "feature")
 
@@ -89,15 +91,36 @@ class VQVAETask(_ImageTask):
     boxed = jax.tree.map(lambda box, v: box.replace_boxed(v) if isinstance(box, nn.Partitioned)
                          else v, variables["params"], params,
                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    if self.config.model.tracks_usage:  # moving-average state: small, replicated
+      boxed = {**boxed, "codebook_ema": init_codebook_state(params, self.config.model)["codebook_ema"]}
     return {**variables, "params": boxed}
 
+  def trainable(self, params):
+    cfg = self.config.model
+    if not cfg.tracks_usage:
+      return None
+    frozen = {"codebook_ema"} | ({"codebook"} if cfg.codebook_update == "ema" else set())
+    return {k: jax.tree.map(lambda _, f=(k in frozen): not f, v) for k, v in params.items()}
+
   def loss(self, params, batch, rng, *, train=True):
-    images = self.data.augment(batch["image"], rng) if train else batch["image"]
-    recon, aux = self.model.apply({"params": _unbox(params)}, images, train=train)
-    return vqvae_loss(recon, images, aux, self.config.model)
+    aug_rng, pick_rng = jax.random.split(rng)
+    images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
+    model_params = {k: v for k, v in params.items() if k != "codebook_ema"}
+    recon, aux = self.model.apply({"params": _unbox(model_params)}, images, train=train)
+    loss, metrics = vqvae_loss(recon, images, aux, self.config.model)
+    if train and self.config.model.tracks_usage:
+      metrics["update_stats"] = codebook_statistics(aux, self.config.model, pick_rng)
+    return loss, metrics
+
+  def post_update(self, params, stats, step):
+    del step
+    if not self.config.model.tracks_usage:
+      return params
+    return update_codebook(params, stats, self.config.model)
 
   def evaluate(self, params, ctx: EvalContext):
-    fn = jax.jit(lambda p, x: self.model.apply({"params": _unbox(p)}, x))
+    fn = jax.jit(lambda p, x: self.model.apply(
+        {"params": _unbox({k: v for k, v in p.items() if k != "codebook_ema"})}, x))
     sq, count, ids = 0.0, 0, []
     for batch in ctx.batches(self.eval_split):
       real = real_rows(batch)
@@ -207,6 +230,7 @@ class BEiTTask(_MIMTask):
       tok = config.tokenizer_model or tokenizer_of_run(config.tokenizer_path)
       check_tokenizer(tok, config.model)
       params = warmstart.load_pretrained(config.tokenizer_path)
+      params = {k: v for k, v in params.items() if k != "codebook_ema"}  # training state
       self.tokenizer = VQVAE(tok)
       self.tokenizer_params = jax.tree.map(jnp.asarray, params)
 
