@@ -207,6 +207,21 @@ def test_outputs_metrics_tensorboard_and_plots(tmp_path):
   # Warmup then cosine: lr rises over the first two steps.
   lrs = [r["train/learning_rate"] for r in rows if "train/learning_rate" in r]
   assert lrs[0] == 0.0 and lrs[2] == pytest.approx(3e-3)
+  assert not os.path.exists(os.path.join(workdir, "plot_experts.png"))  # no experts here
+
+
+def test_expert_load_is_plotted_per_modality(tmp_path):
+  rows = [{"step": s, "train/loss": 1.0,
+           **{f"train/{m}/moe/expert_load/{e}": 0.25 for m in ("image", "text") for e in range(4)},
+           **{f"train/moe/expert_load/m1/{e}": 0.5 for e in range(2)},
+           "train/image/moe/layer_1/dropped_fraction": 0.1} for s in (10, 20)]
+  groups = writers.expert_load_groups(rows)
+  assert groups == {
+      "train/image/moe": [f"train/image/moe/expert_load/{e}" for e in range(4)],
+      "train/text/moe": [f"train/text/moe/expert_load/{e}" for e in range(4)],
+      "train/moe/expert_load/m1": [f"train/moe/expert_load/m1/{e}" for e in range(2)]}
+  path = writers.plot_expert_load(str(tmp_path), rows)
+  assert path == str(tmp_path / "plot_experts.png") and os.path.getsize(path) > 1000
 
 
 def test_nonfinite_loss_stops_without_touching_the_last_good_checkpoint(tmp_path, monkeypatch):

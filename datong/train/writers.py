@@ -175,7 +175,48 @@ def plot_metrics(workdir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     paths.append(path)
-  return paths
+  experts = plot_expert_load(workdir, rows)
+  return paths + ([experts] if experts else [])
+
+
+def expert_load_groups(rows: list[dict]) -> dict[str, list[str]]:
+  """``{prefix: [metric per expert]}`` of a mixture of experts' load metrics
+  (``<prefix>/expert_load/<e>``: ``train/image/moe``, ``train/text/moe``,
+  ``train/moe/expert_load/m<m>``, ...), experts in order."""
+  groups: dict[str, list[str]] = {}
+  for key in _keys(rows):
+    head, _, last = key.rpartition("/")
+    if last.isdigit() and "/expert_load" in f"/{head}/":
+      groups.setdefault(head.replace("/expert_load", "", 1) if head.endswith("/expert_load")
+                        else head, []).append(key)
+  return {g: sorted(keys, key=lambda k: int(k.rpartition("/")[2])) for g, keys in groups.items()}
+
+
+def plot_expert_load(workdir: str, rows: list[dict]) -> Optional[str]:
+  """``plot_experts.png``: per group (a modality's tower, a modality id) the
+  share of routed tokens each expert received over the steps, stacked; None
+  when the run logged no expert load."""
+  groups = expert_load_groups(rows)
+  if not groups:
+    return None
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(4.5 * len(groups), 3.4))
+  axes = fig.subplots(1, len(groups), squeeze=False).ravel()
+  for ax, (group, keys) in zip(axes, groups.items()):
+    steps = [r["step"] for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)]
+    loads = [[r[k] for r in rows if all(isinstance(r.get(j), (int, float)) for j in keys)]
+             for k in keys]
+    ax.stackplot(steps, *loads, labels=[f"expert {k.rpartition('/')[2]}" for k in keys])
+    ax.set_title(group, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of routed tokens")
+    ax.set_ylim(0, 1)
+  axes[-1].legend(fontsize=8, loc="upper right")
+  fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: expert load")
+  path = os.path.join(workdir, "plot_experts.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return path
 
 
 def _keys(rows):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.ops import vq
-from datong.ops.patches import grid_shape, pair, patchify, unpatchify
+from datong.ops.patches import grid_shape, pair, unpatchify
 from datong.ops.posemb import sincos_2d
 from datong.unimodal.vision import PatchEmbedding
 
