@@ -3,8 +3,14 @@
 Model (``unimodal.visual_tokenizer.VQVAE``): 2x2 patches (16 tokens per
 image), a width-64 depth-2 Transformer encoder, 16-d codes, a 64-code
 codebook seeded by k-means on encoder outputs of 512 training images, a
-width-64 depth-2 decoder to pixels; loss = pixel MSE + codebook loss + 0.25
-x commitment (straight-through). Reports ``eval/recon_mse`` (pixels in
+width-64 depth-2 decoder to pixels; loss = pixel MSE + 0.25 x commitment
+(straight-through). The codes move by exponential moving averages (decay
+0.99) of the encoder outputs assigned to them, and a code whose moving
+share of the assignments falls below 3% of the uniform share restarts at a
+random encoder output of the batch (both in the train step:
+``Task.post_update``). At 150 steps this beat the codebook-loss update
+(test recon MSE 0.0587 vs 0.0649, codebook usage 0.81 vs 0.72; commit
+``git log -1 -- datong/train/recipes/vqvae_digits.py``). Reports ``eval/recon_mse`` (pixels in
 [-1, 1]), ``eval/codebook_usage`` and ``eval/perplexity`` on the test split,
 and a PNG of reconstructions. Its workdir is a BEiT tokenizer
 (``BEiTTaskConfig(tokenizer="vqvae", tokenizer_path=WORKDIR, ...)``).
@@ -26,7 +32,8 @@ TARGET = None  # reported, with eval/codebook_usage and eval/perplexity
 def model() -> VQVAEConfig:
   bb = TransformerConfig(width=64, depth=2, heads=4, mlp_dim=128)
   return VQVAEConfig(bb, bb, image_size=(8, 8), patch_size=(2, 2), channels=1,
-                     codebook_size=64, code_dim=16, commitment=0.25)
+                     codebook_size=64, code_dim=16, commitment=0.25, codebook_update="ema",
+                     ema_decay=0.99, dead_code_threshold=0.03)
 
 
 def config() -> RunConfig:
