@@ -66,6 +66,24 @@ def prefix_lm_mask(prefix_lengths, length: int):
   return (causal[None] | prefix)[:, None]
 
 
+def fusion_mask(segment_ids, prefix, key_valid, *, causal: bool = True):
+  """Packed prefix-LM attention, ``[b, 1, L, L]`` bool (single-stream fusion).
+
+  ``segment_ids [b, L]``: positions attend only within their segment;
+  ``prefix [b, L]``: positions every member of the segment sees (an image);
+  ``key_valid [b, L]``: False keys (padding) are never seen. With
+  ``causal``, a non-prefix key is seen only from its own position on
+  (``j <= i``); without, the segment is bidirectional.
+  """
+  length = segment_ids.shape[1]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  seen = same & key_valid.astype(bool)[:, None, :]
+  if causal:
+    pos = jnp.arange(length)
+    seen = seen & (prefix.astype(bool)[:, None, :] | (pos[None, :] <= pos[:, None])[None])
+  return seen[:, None]
+
+
 def segment_positions(segment_ids):
   """Position of each token within its segment, ``[batch, length]`` int32.
 
