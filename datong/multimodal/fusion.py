@@ -281,12 +281,16 @@ def masked_token_loss(logits, targets, selected) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(nll * w) / total, acc
 
 
-def match_loss(match_logits, is_match) -> tuple[jax.Array, jax.Array]:
-  """Image-text matching: 2-way cross-entropy; ``(loss, accuracy)``."""
+def match_loss(match_logits, is_match, weights=None) -> tuple[jax.Array, jax.Array]:
+  """Image-text matching: 2-way cross-entropy, optionally weighted per pair;
+  ``(loss, accuracy)``."""
   logp = jax.nn.log_softmax(match_logits.astype(jnp.float32), -1)
   y = is_match.astype(jnp.int32)
   nll = -jnp.take_along_axis(logp, y[..., None], -1)[..., 0]
-  return jnp.mean(nll), jnp.mean((jnp.argmax(logp, -1) == y).astype(jnp.float32))
+  acc = (jnp.argmax(logp, -1) == y).astype(jnp.float32)
+  w = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.sum(nll * w) / total, jnp.sum(acc * w) / total
 
 
 def caption_log_likelihood(outputs, ids, text_valid) -> jax.Array:
