@@ -1,0 +1,125 @@
+"""Teachers and students: the distillation losses against their definitions,
+frozen and EMA teachers in the engine, and the distillation tasks."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from datong.multimodal.contrastive import nt_xent_loss
+from datong.ops import distill
+
+
+def _softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis, keepdims=True))
+  return e / e.sum(axis, keepdims=True)
+
+
+# ----------------------------------------------------------------- the losses
+
+def test_kd_loss_equals_its_definition_and_is_zero_when_the_student_matches():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(5, 7)) * 2, rng.normal(size=(5, 7)) * 2
+  labels = rng.integers(0, 7, size=5)
+  temp, alpha = 3.0, 0.7
+  p, q = _softmax(t / temp), _softmax(s / temp)
+  kl = np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+  hard = np.mean(-np.log(_softmax(s)[np.arange(5), labels]))
+  loss, metrics = distill.kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(labels),
+                                  temperature=temp, alpha=alpha)
+  np.testing.assert_allclose(loss, alpha * temp ** 2 * kl + (1 - alpha) * hard, rtol=1e-5)
+  np.testing.assert_allclose(metrics["hard"], hard, rtol=1e-5)
+  same, _ = distill.kd_loss(jnp.asarray(t), jnp.asarray(t), temperature=temp)
+  np.testing.assert_allclose(same, 0.0, atol=1e-6)
+  # The gradient of the soft term vanishes at the teacher's logits too.
+  grad = jax.grad(lambda x: distill.kd_loss(x, jnp.asarray(t), temperature=temp)[0])(
+      jnp.asarray(t))
+  np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+  # A masked row does not count.
+  mask = np.array([1, 1, 1, 1, 0], bool)
+  masked, _ = distill.kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=temp, mask=mask)
+  np.testing.assert_allclose(
+      masked, temp ** 2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1)[:4]), rtol=1e-5)
+  with pytest.raises(ValueError, match="pass labels"):
+    distill.kd_loss(jnp.asarray(s), jnp.asarray(t), alpha=0.5)
+  with pytest.raises(ValueError, match="temperature"):
+    distill.kd_loss(jnp.asarray(s), jnp.asarray(t), temperature=0.0)
+
+
+def test_whitening_and_feature_losses_equal_their_definitions():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 3, 6)) * 4 + 2
+  w = np.asarray(distill.whiten(jnp.asarray(x), eps=1e-6))
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  np.testing.assert_allclose(w, (x - mu) / np.sqrt(var + 1e-6), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(w.std(-1), 1.0, rtol=1e-4)
+  pred = rng.normal(size=(2, 3, 6))
+  d = np.abs(pred - w)
+  want = np.mean(np.where(d < 1.0, 0.5 * d * d, d - 0.5))
+  loss, _ = distill.feature_loss(jnp.asarray(pred), jnp.asarray(x), kind="smooth_l1")
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  cos = np.sum(pred * w, -1) / np.linalg.norm(pred, axis=-1) / np.linalg.norm(w, axis=-1)
+  loss, metrics = distill.feature_loss(jnp.asarray(pred), jnp.asarray(x), kind="cosine")
+  np.testing.assert_allclose(loss, np.mean(1 - cos), rtol=1e-5)
+  np.testing.assert_allclose(metrics["cosine"], np.mean(cos), rtol=1e-5)
+  with pytest.raises(ValueError, match="kind"):
+    distill.feature_loss(jnp.asarray(pred), jnp.asarray(x), kind="l2")
+
+
+def test_nt_xent_equals_a_hand_computation_and_ignores_the_batch_order():
+  rng = np.random.default_rng(2)
+  b, temp = 4, 0.5
+  z1, z2 = rng.normal(size=(b, 3)), rng.normal(size=(b, 3))
+  z = np.concatenate([z1, z2])
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  total = 0.0
+  for i in range(2 * b):
+    pos = (i + b) % (2 * b)
+    sims = [np.exp(z[i] @ z[k] / temp) for k in range(2 * b) if k != i]
+    total += -np.log(np.exp(z[i] @ z[pos] / temp) / np.sum(sims))
+  loss, _ = nt_xent_loss(jnp.asarray(z1), jnp.asarray(z2), temp)
+  np.testing.assert_allclose(loss, total / (2 * b), rtol=1e-5)
+  perm = rng.permutation(b)
+  shuffled, _ = nt_xent_loss(jnp.asarray(z1[perm]), jnp.asarray(z2[perm]), temp)
+  np.testing.assert_allclose(shuffled, loss, rtol=1e-6)
+  swapped, _ = nt_xent_loss(jnp.asarray(z2), jnp.asarray(z1), temp)
+  np.testing.assert_allclose(swapped, loss, rtol=1e-6)
+  # Padding rows are neither queries nor candidates.
+  pad = np.concatenate([z1, rng.normal(size=(2, 3))]), np.concatenate([z2, rng.normal(size=(2, 3))])
+  masked, _ = nt_xent_loss(jnp.asarray(pad[0]), jnp.asarray(pad[1]), temp,
+                           mask=np.arange(b + 2) < b)
+  np.testing.assert_allclose(masked, loss, rtol=1e-5)
+
+
+def test_dino_centering_and_sharpening_against_hand_computations():
+  rng = np.random.default_rng(3)
+  vt, vs, b, k = 2, 4, 3, 5
+  t, s = rng.normal(size=(vt, b, k)), rng.normal(size=(vs, b, k))
+  center = rng.normal(size=(k,))
+  tt, st = 0.04, 0.1
+  targets = _softmax((t - center) / tt)
+  np.testing.assert_allclose(distill.dino_teacher_probs(jnp.asarray(t), jnp.asarray(center), tt),
+                             targets, rtol=1e-5, atol=1e-7)
+  logq = np.log(_softmax(s / st))
+  terms = [-np.sum(targets[i] * logq[j], -1) for i in range(vt) for j in range(vs) if i != j]
+  loss, metrics = distill.dino_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(center),
+                                    student_temperature=st, teacher_temperature=tt)
+  np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+  np.testing.assert_allclose(metrics["teacher_mean"], t.mean((0, 1)), rtol=1e-5)
+  # Sharpening: a lower teacher temperature gives lower-entropy targets.
+  _, sharper = distill.dino_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(center),
+                                 teacher_temperature=0.02)
+  assert float(sharper["teacher_entropy"]) < float(metrics["teacher_entropy"])
+  # The center's EMA: c' = m c + (1 - m) mean.
+  new = distill.ema_update(jnp.asarray(center), metrics["teacher_mean"], 0.9)
+  np.testing.assert_allclose(new, 0.9 * center + 0.1 * t.mean((0, 1)), rtol=1e-5)
+  # No gradient flows into the teacher's side.
+  g = jax.grad(lambda x: distill.dino_loss(jnp.asarray(s), x, jnp.asarray(center))[0])(
+      jnp.asarray(t))
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def test_cosine_momentum_goes_from_base_to_one():
+  m = [float(distill.cosine_momentum(s, 10, 0.9)) for s in (0, 5, 10, 20)]
+  np.testing.assert_allclose(m, [0.9, 0.95, 1.0, 1.0], rtol=1e-6)
