@@ -123,3 +123,98 @@ def test_dino_centering_and_sharpening_against_hand_computations():
 def test_cosine_momentum_goes_from_base_to_one():
   m = [float(distill.cosine_momentum(s, 10, 0.9)) for s in (0, 5, 10, 20)]
   np.testing.assert_allclose(m, [0.9, 0.95, 1.0, 1.0], rtol=1e-6)
+
+
+# --------------------------------------------------------- frozen teachers
+
+from datong.backbone import TransformerConfig  # pylint: disable=wrong-import-position
+from datong.train import loop, writers  # pylint: disable=wrong-import-position
+from datong.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from datong.train import data as data_lib  # pylint: disable=wrong-import-position
+from datong.train.config import (MeshConfig, OptimizerConfig, RunConfig,  # pylint: disable=wrong-import-position
+                                 TrainConfig)
+from datong.train.tasks.distill import LogitDistillConfig  # pylint: disable=wrong-import-position
+from datong.train.tasks.images import ImageData  # pylint: disable=wrong-import-position
+from datong.train.tasks.vision import ViTClassifierConfig  # pylint: disable=wrong-import-position
+from datong.unimodal.vision import ViTConfig  # pylint: disable=wrong-import-position
+
+
+def _classifier(width, depth=1):
+  model = ViTConfig(TransformerConfig(width=width, depth=depth, heads=2, mlp_dim=2 * width),
+                    image_size=(8, 8), patch_size=(4, 4), channels=1, pool="gap")
+  return ViTClassifierConfig(model=model, data=ImageData(shift=1.0))
+
+
+def _run(task, steps=2, mesh=(1, 1, 1)):
+  return RunConfig(task=task, train=TrainConfig(steps=steps, batch_size=16, log_every=1,
+                                                checkpoint_every=0, seed=0),
+                   optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0),
+                   mesh=MeshConfig(*mesh))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+  """A tiny ViT classifier run (the teacher) trained for 3 steps."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  loop.train(_run(_classifier(16), steps=3), workdir, progress=False, evaluate=False,
+             devices=jax.devices()[:1])
+  return workdir
+
+
+def _sizes(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_a_frozen_teacher_gets_no_gradient_no_optimizer_state_and_never_moves(
+    teacher_run, tmp_path):
+  cfg = _run(LogitDistillConfig(student=_classifier(8), teacher=teacher_run, temperature=2.0,
+                                alpha=0.5))
+  trainer = loop.Trainer(cfg, str(tmp_path), devices=jax.devices()[:1])
+  params = trainer.abstract_state.params
+  student = _sizes(params) - _sizes(params["teacher"])
+  assert 2 * student <= _sizes(trainer.abstract_state.opt_state) < 2 * student + 8
+  state = trainer.init_state()
+  stored = ckpt_lib.load_params(teacher_run)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["teacher"]), stored)
+  it = trainer.train_iterator()
+  batch = data_lib.to_global(next(it), trainer.batch_sharding)
+  it.close()
+  grads = jax.grad(lambda p: trainer.task.loss(p, batch, jax.random.PRNGKey(0))[0])(
+      jax.device_get(state.params))
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["teacher"]))
+  assert np.any(np.asarray(grads["head"]["kernel"]) != 0)  # the encoder: zero head at init
+  before = jax.device_get(state.params)
+  for _ in range(2):
+    state, metrics = trainer.step(state, batch)
+  after = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, after["teacher"], before["teacher"])
+  assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])
+  assert np.isfinite(float(metrics["train/loss"]))
+
+
+def test_a_sharded_teacher_and_student_step_gives_the_unsharded_losses(teacher_run, tmp_path):
+  task = LogitDistillConfig(student=_classifier(8), teacher=teacher_run, alpha=0.7)
+  losses = {}
+  for mesh in [(1, 1, 1), (2, 2, 2)]:
+    workdir = str(tmp_path / "x".join(map(str, mesh)))
+    loop.train(_run(task, steps=3, mesh=mesh), workdir, progress=False, evaluate=False,
+               devices=jax.devices()[:int(np.prod(mesh))])
+    losses[mesh] = [r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r]
+  assert len(losses[(1, 1, 1)]) == 3
+  np.testing.assert_allclose(losses[(2, 2, 2)], losses[(1, 1, 1)], rtol=2e-5)
+
+
+def test_bad_teachers_are_refused_with_the_fix_named(teacher_run, tmp_path):
+  with pytest.raises(ValueError, match="task.teacher="):
+    LogitDistillConfig(student=_classifier(8)).build()
+  path = str(tmp_path / "t.msgpack")
+  import flax  # pylint: disable=import-outside-toplevel
+  with open(path, "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(ckpt_lib.load_params(teacher_run)))
+  with pytest.raises(ValueError, match="teacher_model"):
+    LogitDistillConfig(student=_classifier(8), teacher=path).build()
+  task = LogitDistillConfig(student=_classifier(8), teacher=path,
+                            teacher_model=_classifier(16)).build()
+  assert "teacher" in task.init(jax.random.PRNGKey(0), task.batch_spec(2))["params"]
+  with pytest.raises(ValueError, match="alpha"):
+    LogitDistillConfig(student=_classifier(8), alpha=1.5)
