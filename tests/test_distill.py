@@ -1,6 +1,8 @@
 """Teachers and students: the distillation losses against their definitions,
 frozen and EMA teachers in the engine, and the distillation tasks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import jax
@@ -218,3 +220,100 @@ def test_bad_teachers_are_refused_with_the_fix_named(teacher_run, tmp_path):
   assert "teacher" in task.init(jax.random.PRNGKey(0), task.batch_spec(2))["params"]
   with pytest.raises(ValueError, match="alpha"):
     LogitDistillConfig(student=_classifier(8), alpha=1.5)
+
+
+# ------------------------------------------------------ views, SimCLR, DINO
+
+from datong.train.tasks.selfsup import DINOConfig, SimCLRConfig  # pylint: disable=wrong-import-position
+from datong.train.tasks.views import ViewData  # pylint: disable=wrong-import-position
+from datong.unimodal.selfsup import SelfSupConfig  # pylint: disable=wrong-import-position
+
+
+def test_views_are_deterministic_per_example_and_seed_and_eval_is_the_plain_image():
+  example = {"image": np.random.default_rng(0).integers(0, 256, (8, 8, 1)).astype(np.uint8),
+             "label": 3}
+  data = ViewData(global_size=(16, 16), local_size=(8, 8), global_views=2, local_views=3)
+  a = data(example, np.random.default_rng(7), True)
+  b = data(example, np.random.default_rng(7), True)
+  c = data(example, np.random.default_rng(8), True)
+  assert a["global"].shape == (2, 16, 16, 1) and a["local"].shape == (3, 8, 8, 1)
+  np.testing.assert_array_equal(a["global"], b["global"])
+  np.testing.assert_array_equal(a["local"], b["local"])
+  assert not np.allclose(a["global"], c["global"])
+  assert not np.allclose(a["global"][0], a["global"][1])  # two different views
+  assert a["global"].min() >= -1 and a["global"].max() <= 1 and int(a["label"]) == 3
+  # Evaluation: the whole image, resized exactly like the vision tasks' upsampling.
+  plain = data(example, np.random.default_rng(0), False)
+  np.testing.assert_allclose(plain["image"], ImageData(upsample=2)(example, None, False)["image"],
+                             atol=1e-5)
+  # A full crop with no jitter, blur or flip is that same image; flips only when asked.
+  still = ViewData(global_size=(16, 16), global_scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0,
+                   blur=0.0)
+  np.testing.assert_allclose(still(example, np.random.default_rng(1), True)["global"][0],
+                             plain["image"], atol=1e-5)
+  flips = dataclasses.replace(still, flip=True)
+  views = [flips(example, np.random.default_rng(s), True)["global"][0] for s in range(8)]
+  assert any(np.allclose(v, plain["image"][:, ::-1], atol=1e-5) for v in views)
+  with pytest.raises(ValueError, match="global_scale"):
+    ViewData(global_scale=(0.5, 1.5))
+
+
+def _encoder(width=8):
+  return ViTConfig(TransformerConfig(width=width, depth=1, heads=2, mlp_dim=2 * width),
+                   image_size=(16, 16), patch_size=(4, 4), channels=1, pool="gap")
+
+
+def _dino(momentum_steps=4):
+  return DINOConfig(model=SelfSupConfig(_encoder(), head="dino", hidden=16, bottleneck=8,
+                                        out_dim=12),
+                    data=ViewData(global_size=(16, 16), local_size=(8, 8), local_views=2),
+                    momentum_steps=momentum_steps, teacher_momentum=0.9, center_momentum=0.8)
+
+
+def test_the_dino_ema_teacher_and_center_follow_their_formulas_and_resume_exactly(tmp_path):
+  cfg = _run(_dino(), steps=4)
+  trainer = loop.Trainer(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
+  params = trainer.abstract_state.params
+  frozen = _sizes(params["teacher"]) + _sizes(params["center"])
+  student = _sizes(params) - frozen
+  assert 2 * student <= _sizes(trainer.abstract_state.opt_state) < 2 * student + 8
+  state = trainer.init_state()
+  p0 = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, p0["teacher"],
+               {"encoder": p0["encoder"], "head": p0["head"]})
+  it = trainer.train_iterator()
+  batch = data_lib.to_global(next(it), trainer.batch_sharding)
+  it.close()
+  _, metrics = trainer.task.loss(state.params, batch, jax.random.PRNGKey(0))
+  state, _ = trainer.step(state, batch)
+  p1 = jax.device_get(state.params)
+  m = 0.9  # the cosine schedule's momentum at step 0
+  for t1, t0, s1 in zip(jax.tree.leaves(p1["teacher"]), jax.tree.leaves(
+      {"encoder": p0["encoder"], "head": p0["head"]}), jax.tree.leaves(
+          {"encoder": p1["encoder"], "head": p1["head"]})):
+    np.testing.assert_allclose(t1, m * t0 + (1 - m) * s1, rtol=1e-5, atol=1e-7)
+  assert not np.array_equal(p1["teacher"]["head"]["prototypes"]["kernel"],
+                            p0["teacher"]["head"]["prototypes"]["kernel"])
+  np.testing.assert_allclose(p1["center"], 0.2 * np.asarray(metrics["update_stats"]["teacher_mean"]),
+                             rtol=1e-5, atol=1e-7)
+  full, half = str(tmp_path / "full"), str(tmp_path / "half")
+  one = jax.devices()[:1]
+  loop.train(cfg, full, progress=False, evaluate=False, devices=one)
+  loop.train(cfg, half, progress=False, evaluate=False, stop_at=2, devices=one)
+  loop.train(cfg, half, progress=False, evaluate=False, devices=one)
+  a, b = ckpt_lib.load_params(half), ckpt_lib.load_params(full)
+  assert set(a) == {"encoder", "head", "teacher", "center"}
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_simclr_trains_and_is_probed_through_the_engine(tmp_path):
+  cfg = _run(SimCLRConfig(model=SelfSupConfig(_encoder(), head="simclr", hidden=16, out_dim=8),
+                          data=ViewData(global_size=(16, 16))), steps=2)
+  result = loop.train(cfg, str(tmp_path), progress=False, devices=jax.devices()[:1])
+  assert np.isfinite(result.metrics["train/loss"])
+  assert 0.1 < result.metrics["eval/knn_accuracy"] <= 1.0
+  assert (tmp_path / "encoder_params.msgpack").exists()
+  with pytest.raises(ValueError, match="two global views"):
+    SimCLRConfig(model=SelfSupConfig(_encoder()), data=ViewData(local_views=2))
+  with pytest.raises(ValueError, match="image_size"):
+    SimCLRConfig(model=SelfSupConfig(_encoder()), data=ViewData(global_size=(32, 32))).build()
