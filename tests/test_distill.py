@@ -323,3 +323,88 @@ def test_simclr_trains_and_is_probed_through_the_engine(tmp_path):
     SimCLRConfig(model=SelfSupConfig(_encoder()), data=ViewData(local_views=2))
   with pytest.raises(ValueError, match="image_size"):
     SimCLRConfig(model=SelfSupConfig(_encoder()), data=ViewData(global_size=(32, 32))).build()
+
+
+# --------------------------------------------------- features and sequences
+
+from datong.ops.distill import whiten  # pylint: disable=wrong-import-position
+from datong.train.tasks.distill import FeatureDistillConfig  # pylint: disable=wrong-import-position
+
+
+def test_feature_distillation_targets_the_named_teacher_layer_across_widths_and_grids(
+    teacher_run, tmp_path):
+  student = ViTConfig(TransformerConfig(width=8, depth=1, heads=2, mlp_dim=16),
+                      image_size=(8, 8), patch_size=(2, 2), channels=1, pool="gap")
+  cfg = FeatureDistillConfig(student=student, teacher=teacher_run, layer="layer_0",
+                             loss="smooth_l1", beta=2.0)
+  task = cfg.build()
+  params = jax.device_get(nn_unbox(task.init(jax.random.PRNGKey(0), task.batch_spec(4))["params"]))
+  assert params["head"]["kernel"].shape == (8, 16)  # student width -> teacher width
+  stored = ckpt_lib.load_params(teacher_run)
+  jax.tree.map(np.testing.assert_array_equal, params["teacher"], stored["encoder"])
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+  _, aux = _classifier(16).model.make().apply({"params": stored["encoder"]}, images,
+                                              return_layers=True)
+  block0 = aux["layers"][0][:, -4:].reshape(4, 2, 2, 16)  # the teacher's 2x2 grid
+  want = jax.image.resize(block0, (4, 4, 4, 16), "linear").reshape(4, 16, 16)
+  got = task.teacher_tokens(params, images, student.grid)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  loss, _ = task.loss(params, {"image": images, "label": jnp.zeros(4, jnp.int32)},
+                      jax.random.PRNGKey(1), train=False)
+  pred, _ = task.model.apply({"params": {k: params[k] for k in ("encoder", "head")}}, images)
+  d = np.abs(np.asarray(pred) - np.asarray(whiten(want)))
+  np.testing.assert_allclose(loss, np.mean(np.where(d < 2.0, 0.25 * d * d, d - 1.0)), rtol=1e-5)
+  result = loop.train(_run(cfg, steps=2), str(tmp_path), progress=False,
+                      devices=jax.devices()[:1])
+  assert np.isfinite(result.metrics["train/loss"]) and 0 < result.metrics["eval/knn_accuracy"]
+  with pytest.raises(ValueError, match="has 1 blocks"):
+    FeatureDistillConfig(student=student, teacher=teacher_run, layer="layer_3").build()
+  with pytest.raises(ValueError, match="layer_K"):
+    FeatureDistillConfig(student=student, teacher=teacher_run, layer="block3")
+
+
+def nn_unbox(tree):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return nn.unbox(tree)
+
+
+def test_gpt_logit_distillation_over_every_real_position_and_a_shared_tokenizer(tmp_path):
+  from datong.train.tasks.text import GPTTaskConfig  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.text import TextConfig  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
+
+  def gpt(width):
+    return GPTTaskConfig(model=TextConfig(TransformerConfig(width=width, depth=1, heads=2,
+                                                            mlp_dim=2 * width)),
+                         seq_length=16, tokenizer="byte")
+  teacher = gpt(16)
+  fresh = teacher.build()
+  tparams = nn_unbox(fresh.init(jax.random.PRNGKey(3), fresh.batch_spec(2))["params"])
+  path = str(tmp_path / "gpt.msgpack")
+  with open(path, "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(tparams)))
+  task = LogitDistillConfig(student=gpt(8), teacher=path, teacher_model=teacher,
+                            temperature=1.5, alpha=0.6).build()
+  params = nn_unbox(task.init(jax.random.PRNGKey(0), task.batch_spec(2))["params"])
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(3, 200, (2, 16)), "targets": rng.integers(3, 200, (2, 16)),
+           "loss_weights": np.array([[1.0] * 16, [1.0] * 10 + [0.0] * 6], np.float32),
+           "segment_ids": np.ones((2, 16), np.int32),
+           "positions": np.tile(np.arange(16), (2, 1))}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss, _ = task.loss(params, batch, jax.random.PRNGKey(0), train=False)
+  apply = lambda m, p: m.apply({"params": p}, batch["inputs"], segment_ids=batch["segment_ids"],
+                               positions=batch["positions"])[0]
+  s = np.asarray(apply(task.inner.model, {k: v for k, v in params.items() if k != "teacher"}))
+  t = np.asarray(apply(fresh.model, tparams))
+  v = task.inner.tokenizer.vocab_size
+  s, t = s[..., :v].astype(np.float64), t[..., :v].astype(np.float64)
+  p, q = _softmax(t / 1.5), _softmax(s / 1.5)
+  kl = np.sum(p * (np.log(p) - np.log(q)), -1)
+  nll = -np.log(np.take_along_axis(_softmax(s), np.asarray(batch["targets"])[..., None], -1))[..., 0]
+  real = np.asarray(batch["loss_weights"]) > 0
+  want = 0.6 * 1.5 ** 2 * kl[real].mean() + 0.4 * nll[real].mean()
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+  other = dataclasses.replace(teacher, tokenizer="bpe:512")
+  with pytest.raises(ValueError, match="teacher's tokenizer 'bpe:512' is not the student's 'byte'"):
+    LogitDistillConfig(student=gpt(8), teacher=path, teacher_model=other).build()

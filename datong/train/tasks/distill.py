@@ -35,12 +35,14 @@ import jax
 import jax.numpy as jnp
 
 from datong import hf
-from datong.ops.distill import cosine_momentum, ema_update, kd_loss
+from datong.ops.distill import cosine_momentum, ema_update, feature_loss, kd_loss
 from datong.params import params_collection
 from datong.train import warmstart
 from datong.train.task import EvalContext, Task, with_aux_losses
+from datong.train.tasks.images import ImageData
+from datong.train.tasks.probes import ProbeConfig, probe_metrics, select_features
 from datong.train.tasks.text import GPTTaskConfig
-from datong.train.tasks.vision import ViTClassifierConfig
+from datong.train.tasks.vision import ViTClassifierConfig, export_encoder
 from datong.unimodal.encoders import ImageClassifier, is_image_encoder
 from datong.unimodal.text import GPT
 
@@ -330,3 +332,158 @@ class GPTDistillTask(StudentWithTeacher):
     teacher = n * (m.backbone.flops_per_token(n, causal=True) + 3 * 2 * m.backbone.width
                    * m.vocab_size) / 3
     return self.inner.flops_per_example() + teacher
+
+
+# ------------------------------------------------------ feature distillation
+
+LAYERS_HELP = "'last' (the final token map) or 'layer_K' (block K's output, 0-based)"
+
+
+def _layer_index(layer: str) -> int:
+  """-1 for ``last``, ``K`` for ``layer_K``; a clear error otherwise."""
+  if layer == "last":
+    return -1
+  if layer.startswith("layer_") and layer[6:].isdigit():
+    return int(layer[6:])
+  raise ValueError(f"FeatureDistillConfig.layer={layer!r}: give {LAYERS_HELP}.")
+
+
+class TokenPredictor(nn.Module):
+  """The student encoder + a linear head from its tokens to the teacher's
+  width: ``images -> (pred [b, n, teacher_width], aux)``."""
+  encoder: Any
+  width: int
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    _, aux = self.encoder.make(name="encoder")(images, train=train)
+    pred = nn.Dense(self.width, dtype=jnp.float32, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("embed", None)), bias_init=nn.with_logical_partitioning(
+            nn.initializers.zeros, (None,)), name="head")(aux["patch_tokens"].astype(jnp.float32))
+    return pred, aux
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDistillConfig:
+  """Feature distillation: the student encoder's tokens predict the
+  teacher's whitened token features (``layer``) through a linear head.
+
+  ``student``: an image-encoder config; ``teacher``: a run's workdir whose
+  settings hold an image encoder (ViT, MAE, SimMIM, CLIP, DINO ...), a
+  Hugging Face ViT directory or an encoder ``.msgpack`` with
+  ``teacher_model`` (its encoder config). Widths may differ (the head maps
+  them); the teacher sees the images at its own ``image_size`` and its
+  token map is resized (bilinear) to the student's grid when they differ.
+  ``loss``: ``smooth_l1`` (with ``beta``) or ``cosine``.
+  """
+  student: Any
+  teacher: str = ""
+  teacher_model: Any = None
+  layer: str = "last"
+  loss: str = "smooth_l1"
+  beta: float = 2.0
+  data: ImageData = ImageData()
+  probe: ProbeConfig = ProbeConfig()
+  export_encoder: bool = True
+
+  def __post_init__(self):
+    _layer_index(self.layer)
+    if self.loss not in ("smooth_l1", "cosine"):
+      raise ValueError(f"FeatureDistillConfig.loss={self.loss!r}: 'smooth_l1' or 'cosine'.")
+    if self.beta <= 0:
+      raise ValueError(f"FeatureDistillConfig.beta={self.beta}: must be > 0.")
+
+  def build(self) -> "FeatureDistillTask":
+    return FeatureDistillTask(self)
+
+
+class FeatureDistillTask(Task):
+
+  def __init__(self, config: FeatureDistillConfig):
+    if not is_image_encoder(config.student):
+      raise ValueError(f"FeatureDistillConfig.student: an image-encoder config (ViTConfig, ...); "
+                       f"got {type(config.student).__name__}.")
+    self.config = config
+    self.data, self.probe = config.data, config.probe
+    self.dataset = self.data.dataset
+    self.teacher = load_teacher(config.teacher, config.teacher_model, want="encoder",
+                                where="FeatureDistillConfig.teacher")
+    settings = self.teacher.settings
+    layer = _layer_index(config.layer)
+    depth = getattr(settings, "depth", None)
+    if layer >= 0 and (depth is None or layer >= depth):
+      raise ValueError(f"FeatureDistillConfig.layer={config.layer!r}: the teacher has "
+                       f"{depth} blocks; give {LAYERS_HELP}.")
+    self.layer = layer
+    self.model = TokenPredictor(config.student, settings.width)
+
+  def preprocess(self, example, rng, train):
+    return self.data(example, rng, train)
+
+  def batch_spec(self, batch_size):
+    h, w = self.config.student.image_size
+    return {"image": jax.ShapeDtypeStruct((batch_size, h, w, self.config.student.channels),
+                                          jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+  def _teacher_images(self, images):
+    size = tuple(self.teacher.settings.image_size)
+    if tuple(images.shape[1:3]) == size:
+      return images
+    return jax.image.resize(images, images.shape[:1] + size + images.shape[3:], "linear")
+
+  def init(self, rng, batch):
+    student_rng, teacher_rng = jax.random.split(rng)
+    images = jnp.zeros(batch["image"].shape, jnp.float32)
+    variables = self.model.init(student_rng, images)
+    teacher = self.teacher.init(teacher_rng, self._teacher_images(images))
+    return {**variables, "params": {**variables["params"], "teacher": teacher}}
+
+  def trainable(self, params):
+    return frozen_mask(params)
+
+  def teacher_tokens(self, params, images, grid):
+    """The teacher's token features ``[b, grid_h * grid_w, teacher_width]``."""
+    _, aux = self.teacher(params["teacher"], self._teacher_images(images),
+                          return_layers=self.layer >= 0)
+    tokens = aux["patch_tokens"]
+    if self.layer >= 0:
+      tokens = aux["layers"][self.layer][:, -tokens.shape[1]:]
+    b, n, w = tokens.shape
+    tg = self.teacher.settings.grid
+    if tuple(tg) != tuple(grid):
+      tokens = jax.image.resize(tokens.reshape(b, *tg, w), (b, *grid, w), "linear")
+    return tokens.reshape(b, -1, w).astype(jnp.float32)
+
+  def loss(self, params, batch, rng, *, train=True):
+    cfg = self.config
+    drop_rng, aug_rng = jax.random.split(rng)
+    images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
+    pred, aux = self.model.apply({"params": student_params(params)}, images, train=train,
+                                 rngs={"dropout": drop_rng})
+    target = self.teacher_tokens(params, images, cfg.student.grid)
+    loss, metrics = feature_loss(pred, target, kind=cfg.loss, beta=cfg.beta)
+    return loss, with_aux_losses({"loss": loss, **metrics}, aux)
+
+  def evaluate(self, params, ctx: EvalContext):
+    params = student_params(params)
+    which = self.probe.features
+
+    def features(p, images):
+      _, aux = self.config.student.make().apply({"params": p["encoder"]}, images)
+      return {"": select_features(aux, which)}
+
+    metrics = probe_metrics(jax.jit(features), params, ctx, self.probe, self.train_split,
+                            self.eval_split,
+                            jax.jit(self.data.augment) if self.data.augments else None)
+    if self.config.export_encoder and ctx.workdir and jax.process_index() == 0:
+      export_encoder(params, ctx.workdir)
+    return metrics
+
+  def tokens_per_example(self):
+    return self.config.student.num_tokens
+
+  def flops_per_example(self):
+    student, teacher = self.config.student, self.teacher.settings
+    head = 3 * 2 * student.num_tokens * student.width * teacher.width
+    return float(student.flops_per_example() + head + teacher.flops_per_example() / 3)
