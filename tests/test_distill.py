@@ -408,3 +408,41 @@ def test_gpt_logit_distillation_over_every_real_position_and_a_shared_tokenizer(
   other = dataclasses.replace(teacher, tokenizer="bpe:512")
   with pytest.raises(ValueError, match="teacher's tokenizer 'bpe:512' is not the student's 'byte'"):
     LogitDistillConfig(student=gpt(8), teacher=path, teacher_model=other).build()
+
+
+# ------------------------------------------------------------------ recipes
+
+NEW_RECIPES = ["distill-vit-digits", "distill-gpt-pydoc", "fd-clip-digits", "simclr-digits",
+               "dino-digits"]
+
+
+def test_the_new_recipes_are_registered_and_documented():
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  described = recipes.describe()
+  for name in NEW_RECIPES:
+    assert described[name]
+    assert "not yet measured" in recipes.module(name).__doc__
+
+
+@pytest.mark.parametrize("name", NEW_RECIPES)
+def test_a_new_recipe_compiles_on_a_2x2x2_mesh(name, tmp_path):
+  """Teachers: a ``.msgpack`` of fresh params of the recipe's ``teacher_model``."""
+  import flax  # pylint: disable=import-outside-toplevel
+  from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.override(recipes.get(name), {"mesh.data": "2", "mesh.fsdp": "2",
+                                                "mesh.tensor": "2"})
+  settings = getattr(cfg.task, "teacher_model", None)
+  if settings is not None:
+    if hasattr(settings, "build"):
+      task = settings.build()
+      params = task.init(jax.random.PRNGKey(0), task.batch_spec(1))["params"]
+    else:
+      shape = (1,) + tuple(settings.image_size) + (settings.channels,)
+      params = settings.make().init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"]
+    path = str(tmp_path / "teacher.msgpack")
+    with open(path, "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(jax.device_get(nn_unbox(params))))
+    cfg = config_lib.override(cfg, {"task.teacher": path})
+  compiled = loop.Trainer(cfg, str(tmp_path / "run")).compile()
+  assert compiled.memory_analysis() is not None
