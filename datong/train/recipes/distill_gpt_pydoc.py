@@ -8,7 +8,7 @@ tokenizer is refused with both named):
     datong train distill-gpt-pydoc --workdir /tmp/distill-gpt \
         --set task.teacher=/tmp/gpt-pydoc
 
-Student: gpt-pydoc's GPT at width 96, depth 4 (about 1/4 of the teacher's
+Student: gpt-pydoc's GPT at width 96, depth 4 (0.30x the teacher's
 FLOPs per token). Loss: ``0.5 * T^2 KL(teacher || student) + 0.5 *
 CE(targets)`` at ``T = 1`` over every real position. Reports the student's
 ``eval/bits_per_byte``.
