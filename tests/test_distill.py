@@ -446,3 +446,26 @@ def test_a_new_recipe_compiles_on_a_2x2x2_mesh(name, tmp_path):
     cfg = config_lib.override(cfg, {"task.teacher": path})
   compiled = loop.Trainer(cfg, str(tmp_path / "run")).compile()
   assert compiled.memory_analysis() is not None
+
+
+def test_a_hugging_face_directory_is_a_teacher_for_logits_and_for_features(tmp_path):
+  from datong import hf  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.encoders import ImageClassifier  # pylint: disable=import-outside-toplevel
+  cfg = ViTConfig(TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32), image_size=(8, 8),
+                  patch_size=(4, 4), channels=1, pool="cls")
+  model = ImageClassifier(cfg, 10)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)), jnp.float32)
+  params = nn_unbox(model.init(jax.random.PRNGKey(0), images)["params"])
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), (16, 10))
+  path = hf.save(model, params, str(tmp_path / "hf"))
+  task = LogitDistillConfig(student=_classifier(8), teacher=path).build()
+  got = nn_unbox(task.init(jax.random.PRNGKey(2), task.batch_spec(3))["params"])
+  np.testing.assert_allclose(task.teacher_logits(got, images), model.apply(
+      {"params": params}, images)[0], rtol=1e-5, atol=1e-5)
+  student = ViTConfig(TransformerConfig(width=8, depth=1, heads=2, mlp_dim=16),
+                      image_size=(8, 8), patch_size=(4, 4), channels=1, pool="gap")
+  fd = FeatureDistillConfig(student=student, teacher=path).build()
+  fparams = nn_unbox(fd.init(jax.random.PRNGKey(2), fd.batch_spec(3))["params"])
+  _, aux = cfg.make().apply({"params": params["encoder"]}, images)
+  np.testing.assert_allclose(fd.teacher_tokens(fparams, images, student.grid),
+                             aux["patch_tokens"], rtol=1e-5, atol=1e-5)

@@ -13,6 +13,9 @@ student encoder's pooled features; the encoder is exported to
 ``encoder_params.msgpack``.
 
     datong train dino-digits --workdir /tmp/dino-digits
+
+The teacher's momentum reaches 1 at ``task.momentum_steps``: set it with
+``train.steps`` when changing the run's length.
 """
 
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig

@@ -125,7 +125,8 @@ def load_teacher(path: str, settings=None, *, want: str, where: str) -> Teacher:
   ``classifier`` (a ``ViTClassifierConfig`` run), ``gpt`` (a ``GPTTaskConfig``
   run) or ``encoder`` (an image encoder found in any run: ViT, MAE, CLIP).
   ``settings``: the teacher's config of that kind, needed for a ``.msgpack``
-  and checked against a run's stored one. ``where`` names the field."""
+  (a run's workdir and an HF directory carry their own, which are used).
+  ``where`` names the field."""
   if not path:
     raise ValueError(f"{where}: give the teacher (a run's workdir, a Hugging Face directory "
                      "or a .msgpack), e.g. --set task.teacher=/tmp/vit-digits.")
