@@ -469,3 +469,35 @@ def test_a_hugging_face_directory_is_a_teacher_for_logits_and_for_features(tmp_p
   _, aux = cfg.make().apply({"params": params["encoder"]}, images)
   np.testing.assert_allclose(fd.teacher_tokens(fparams, images, student.grid),
                              aux["patch_tokens"], rtol=1e-5, atol=1e-5)
+
+
+def test_deit_distillation_token_head_learns_from_the_teacher_and_the_class_head_from_labels(
+    teacher_run):
+  task = LogitDistillConfig(student=_classifier(8), teacher=teacher_run, temperature=2.0,
+                            alpha=0.3, distill_token=True).build()
+  params = nn_unbox(task.init(jax.random.PRNGKey(0), task.batch_spec(4))["params"])
+  assert params["encoder"]["distill_token"].shape == (8,) and "distill_head" in params
+  assert task.inner.config.model.num_tokens == 4 + 1  # 2x2 patches + the distillation token
+  rng = np.random.default_rng(0)
+  # Non-zero heads, so both terms and both heads matter.
+  for name in ("head", "distill_head"):
+    params[name]["kernel"] = jnp.asarray(rng.normal(size=(8, 10)), jnp.float32)
+  images = jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 4), jnp.int32)
+  loss, _ = task.loss(params, {"image": images, "label": labels}, jax.random.PRNGKey(0),
+                      train=False)
+  student = {k: v for k, v in params.items() if k != "teacher"}
+  logits, aux = task.inner.model.apply({"params": student}, images)
+  t = np.asarray(task.teacher_logits(params, images), np.float64)
+  c, d = np.asarray(aux["class_logits"], np.float64), np.asarray(aux["distill_logits"], np.float64)
+  assert not np.allclose(c, d)
+  p, q = _softmax(t / 2.0), _softmax(d / 2.0)
+  kl = np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+  ce = np.mean(-np.log(_softmax(c)[np.arange(4), np.asarray(labels)]))
+  np.testing.assert_allclose(loss, 0.3 * 4.0 * kl + 0.7 * ce, rtol=1e-5)
+  # The prediction averages the two heads' softmax.
+  np.testing.assert_allclose(_softmax(np.asarray(logits, np.float64)),
+                             0.5 * (_softmax(c) + _softmax(d)), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="distill_token"):
+    from datong.train.tasks.text import GPTTaskConfig  # pylint: disable=import-outside-toplevel
+    LogitDistillConfig(student=GPTTaskConfig(), distill_token=True)

@@ -13,6 +13,9 @@ FLOPs per image), same data and augmentation. Loss: ``0.5 * T^2
 KL(teacher || student) + 0.5 * CE(labels)`` at ``T = 2``; teacher and
 student see the same augmented images. Reports the student's
 ``eval/accuracy`` (with the same test-time shifts as vit-digits).
+``--set task.distill_token=true``: DeiT's variant (a distillation token
+and head learn from the teacher, the class head from the labels;
+predictions average both heads).
 """
 
 import dataclasses

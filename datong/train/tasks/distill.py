@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from datong import hf
 from datong.ops.distill import cosine_momentum, ema_update, feature_loss, kd_loss
+from datong.ops.losses import classification_loss
 from datong.params import params_collection
 from datong.train import warmstart
 from datong.train.task import EvalContext, Task, with_aux_losses
@@ -43,7 +44,7 @@ from datong.train.tasks.images import ImageData
 from datong.train.tasks.probes import ProbeConfig, probe_metrics, select_features
 from datong.train.tasks.text import GPTTaskConfig
 from datong.train.tasks.vision import ViTClassifierConfig, export_encoder
-from datong.unimodal.encoders import ImageClassifier, is_image_encoder
+from datong.unimodal.encoders import DistilledClassifier, ImageClassifier, is_image_encoder
 from datong.unimodal.text import GPT
 
 FROZEN = ("teacher", "center")  # params subtrees no gradient trains
@@ -229,15 +230,27 @@ class LogitDistillConfig:
   ``GPTTaskConfig`` (next-token logits at every position; the teacher's
   tokenizer must be the student's). ``teacher``: a run's workdir of the
   same kind, a Hugging Face directory or a ``.msgpack`` with
-  ``teacher_model`` (the teacher's task config) set.
+  ``teacher_model`` (the teacher's task config) set. The student config's
+  data, augmentation and evaluation are used; its label smoothing and
+  mixup are not.
+
+  ``distill_token`` (DeiT): the student ViT gets a distillation token whose
+  head learns from the teacher (``T^2 KL``, weight ``alpha``) while the
+  class head learns from the labels (weight ``1 - alpha``); predictions
+  average the two heads' softmax.
   """
   student: Any
   teacher: str = ""
   teacher_model: Any = None
   temperature: float = 2.0
   alpha: float = 0.5
+  distill_token: bool = False  # ViT students: DeiT's distillation token and head
 
   def __post_init__(self):
+    if self.distill_token and not (isinstance(self.student, ViTClassifierConfig)
+                                   and hasattr(self.student.model, "distill_token")):
+      raise ValueError("LogitDistillConfig.distill_token=True needs a ViTClassifierConfig "
+                       "student on a ViTConfig encoder.")
     if not isinstance(self.student, (ViTClassifierConfig, GPTTaskConfig)):
       raise ValueError(f"LogitDistillConfig.student: a ViTClassifierConfig or GPTTaskConfig; "
                        f"got {type(self.student).__name__}.")
@@ -258,7 +271,12 @@ class ViTDistillTask(StudentWithTeacher):
 
   def __init__(self, config: LogitDistillConfig):
     self.config = config
-    inner = config.student.build()
+    student = config.student
+    if config.distill_token:
+      student = dataclasses.replace(student, model=student.model.replace(distill_token=True))
+    inner = student.build()
+    if config.distill_token:  # the student task with DeiT's two-headed classifier
+      inner.model = DistilledClassifier(student.model, student.num_classes)
     teacher = load_teacher(config.teacher, config.teacher_model, want="classifier",
                            where="LogitDistillConfig.teacher")
     super().__init__(inner, teacher)
@@ -277,8 +295,14 @@ class ViTDistillTask(StudentWithTeacher):
     logits, aux = inner._apply(student_params(params), images, train=train,  # pylint: disable=protected-access
                                rng=drop_rng if train else None)
     teacher = self.teacher_logits(params, images)
-    loss, metrics = kd_loss(logits, teacher, batch["label"], temperature=cfg.temperature,
-                            alpha=cfg.alpha)
+    if cfg.distill_token:
+      soft, metrics = kd_loss(aux["distill_logits"], teacher, temperature=cfg.temperature)
+      hard, _ = classification_loss(aux["class_logits"], batch["label"])
+      loss = cfg.alpha * soft + (1.0 - cfg.alpha) * hard
+      metrics["hard"] = hard
+    else:
+      loss, metrics = kd_loss(logits, teacher, batch["label"], temperature=cfg.temperature,
+                              alpha=cfg.alpha)
     metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(teacher, -1) == batch["label"])
     return loss, with_aux_losses(metrics, aux)
