@@ -501,3 +501,18 @@ def test_deit_distillation_token_head_learns_from_the_teacher_and_the_class_head
   with pytest.raises(ValueError, match="distill_token"):
     from datong.train.tasks.text import GPTTaskConfig  # pylint: disable=import-outside-toplevel
     LogitDistillConfig(student=GPTTaskConfig(), distill_token=True)
+
+
+def test_a_vit_with_a_distillation_token_is_not_exported_to_hugging_face(tmp_path):
+  from datong import hf  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.encoders import DistilledClassifier  # pylint: disable=import-outside-toplevel
+  cfg = ViTConfig(TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32), image_size=(8, 8),
+                  patch_size=(4, 4), channels=1, pool="cls", distill_token=True)
+  from datong.unimodal.encoders import ImageClassifier  # pylint: disable=import-outside-toplevel
+  model = ImageClassifier(cfg, 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  with pytest.raises(hf.UnsupportedError, match="distill_token"):
+    hf.save(model, params, str(tmp_path / "hf"))
+  with pytest.raises(ValueError, match="distill_token=True"):
+    DistilledClassifier(cfg.replace(distill_token=False), 10).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
