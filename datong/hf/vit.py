@@ -139,7 +139,7 @@ def encoder_export_problems(cfg: ViTConfig) -> list[str]:
     problems.append(f"ViTConfig.pool={cfg.pool!r} (HF ViT pools the [CLS] token)")
   if cfg.posemb not in ("learned", "sincos"):
     problems.append(f"ViTConfig.posemb={cfg.posemb!r}")
-  for field in ("mask_token", "pre_norm", "pooler"):
+  for field in ("mask_token", "pre_norm", "pooler", "distill_token"):
     if getattr(cfg, field):
       problems.append(f"ViTConfig.{field}=True")
   return problems

@@ -7,6 +7,8 @@ SigLIP logit bias; both are scalars. All math runs in float32.
 
 * ``softmax_contrastive_loss``: CLIP's symmetric InfoNCE,
   ``(CE(image -> texts) + CE(text -> images)) / 2``, mean over pairs.
+* ``nt_xent_loss``: SimCLR's NT-Xent over two views of one batch (every
+  other view a negative, the view itself excluded).
 * ``sigmoid_contrastive_loss``: SigLIP's pairwise loss,
   ``-sum_ij log sigmoid(z_ij * (scale * <x_i, y_j> + bias)) / batch`` with
   ``z_ij = +1`` on the diagonal and ``-1`` off it (big_vision's form).
@@ -85,6 +87,36 @@ def softmax_contrastive_loss(image_emb, text_emb, scale, *, mask=None):
       "t2i_accuracy": jnp.sum(valid & (jnp.argmax(logits, 0) == idx)) / n,
   }
   return loss, metrics
+
+
+def nt_xent_loss(z1, z2, temperature: float, *, mask=None):
+  """SimCLR's NT-Xent over the ``2 * batch`` views of a global batch.
+
+  ``z1, z2``: ``[batch, dim]`` embeddings of two views (normalized here);
+  row ``i`` of ``z1`` and of ``z2`` are the positive pair. Each of the
+  ``2 * batch`` views is a query whose candidates are the other ``2 * batch
+  - 1`` views (itself excluded), its positive among them: the same
+  cross-entropy as ``softmax_contrastive_loss`` on the stacked views with
+  the self-similarity masked out. Mean over valid queries, float32.
+  Returns ``(loss, {"accuracy"})``: the fraction of queries whose nearest
+  candidate is their positive.
+  """
+  if temperature <= 0:
+    raise ValueError(f"nt_xent_loss: temperature={temperature} must be > 0.")
+  batch = z1.shape[0]
+  z = l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2b, dim]
+  valid = jnp.tile(_valid(mask, batch), 2)
+  logits = z @ z.T / temperature
+  n2 = 2 * batch
+  idx = jnp.arange(n2)
+  keep = valid[:, None] & valid[None, :] & (idx[:, None] != idx[None, :])
+  logits = jnp.where(keep, logits, _NEG)
+  positive = (idx + batch) % n2
+  nll = jax.nn.logsumexp(logits, axis=1) - logits[idx, positive]
+  n = jnp.maximum(jnp.sum(valid), 1)
+  loss = jnp.sum(jnp.where(valid, nll, 0.0)) / n
+  accuracy = jnp.sum(valid & (jnp.argmax(logits, 1) == positive)) / n
+  return loss, {"accuracy": accuracy}
 
 
 def chunked_softmax_contrastive_loss(image_emb, text_emb, scale, *, chunk_size: int,

@@ -37,7 +37,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["ImageClassifier", "ImageEncoderConfig", "check_image_encoder", "head_param_dtype",
+__all__ = ["DistilledClassifier", "ImageClassifier", "ImageEncoderConfig", "check_image_encoder", "head_param_dtype",
            "is_image_encoder"]
 
 
@@ -100,3 +100,33 @@ class ImageClassifier(nn.Module):
         name="head")(pooled.astype(jnp.float32))
     aux["logits"] = logits
     return logits, aux
+
+
+class DistilledClassifier(nn.Module):
+  """DeiT's classifier: a class head on the pooled features and a
+  distillation head on the encoder's distillation token
+  (``aux["distill_token"]``, e.g. ``ViTConfig(distill_token=True)``).
+
+  Returns ``(logits, aux)``: ``logits`` are ``log`` of the two heads' mean
+  softmax (DeiT's prediction), ``aux["class_logits"]`` and
+  ``aux["distill_logits"]`` each head's own. Parameters: ``encoder``,
+  ``head`` (as ``ImageClassifier``'s) and ``distill_head``.
+  """
+  config: Any
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, **encoder_kwargs):
+    pooled, aux = self.config.make(name="encoder")(images, train=train, **encoder_kwargs)
+    if "distill_token" not in aux:
+      raise ValueError(f"DistilledClassifier: {type(self.config).__name__} has no distillation "
+                       "token; set distill_token=True on the encoder config.")
+    head = lambda name: nn.Dense(
+        self.num_classes, dtype=jnp.float32, param_dtype=head_param_dtype(self.config),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)), name=name)
+    logits = head("head")(pooled.astype(jnp.float32))
+    distill = head("distill_head")(aux["distill_token"].astype(jnp.float32))
+    aux["class_logits"], aux["distill_logits"] = logits, distill
+    aux["logits"] = jnp.logaddexp(nn.log_softmax(logits), nn.log_softmax(distill)) - jnp.log(2.0)
+    return aux["logits"], aux

@@ -66,6 +66,9 @@ class ViTConfig:
   # layer ("layer": one table per layer; "shared": one table for all layers).
   relative_position_bias: str = "none"
   pool_norm: bool = False  # a LayerNorm on the pooled features (BEiT's mean-pooling head)
+  # DeiT: a learned token after [CLS] whose output (aux["distill_token"]) a
+  # distillation head reads (``encoders.DistilledClassifier``).
+  distill_token: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "image_size", pair(self.image_size))
@@ -81,6 +84,9 @@ class ViTConfig:
       raise ValueError("ViTConfig.cls_token=False contradicts pool='cls'.")
     if self.channels <= 0:
       raise ValueError(f"ViTConfig.channels={self.channels}: must be positive.")
+    if self.distill_token and self.relative_position_bias != "none":
+      raise ValueError("ViTConfig.distill_token=True with a relative-position bias: the bias "
+                       "table has no entries for a second prefix token; use one or the other.")
     grid_shape(self.image_size, self.patch_size)  # raises with the sizes named
 
   @property
@@ -117,7 +123,7 @@ class ViTConfig:
   @property
   def num_tokens(self) -> int:
     """Sequence positions of one image in the backbone ([CLS] included)."""
-    return self.num_patches + int(self.has_cls)
+    return self.num_patches + int(self.has_cls) + int(self.distill_token)
 
   def make(self, *, shared_backbone: Optional[nn.Module] = None, name: Optional[str] = None):
     """The encoder module; ``shared_backbone``: a ``Transformer`` to run instead of its own."""
@@ -238,7 +244,8 @@ class ViTEncoder(nn.Module):
   Returns ``pooled [batch, width]`` (through ``pooler``'s dense + tanh when
   ``config.pooler``) and ``aux`` with ``embedded`` (backbone
   input, CLS first if any), ``encoded`` (backbone output, all positions),
-  ``patch_tokens`` (backbone output without CLS), ``pooled``, ``pre_norm``
+  ``patch_tokens`` (backbone output without CLS), ``pooled``, ``pre_norm``,
+  ``distill_token`` (its output, with ``config.distill_token``)
   and, with ``return_layers``, ``layers`` ``[depth, batch, length, width]``.
 
   ``shared_backbone``: a ``Transformer`` owned elsewhere (CLIP's shared
@@ -267,6 +274,12 @@ class ViTEncoder(nn.Module):
       cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, bb.width))
       x = jnp.concatenate([cls, x], axis=1)
       prefix = 1
+    if cfg.distill_token:
+      dist = self.param("distill_token", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed",)), (bb.width,), bb.params_dtype)
+      dist = jnp.broadcast_to(dist.astype(x.dtype), (x.shape[0], 1, bb.width))
+      x = jnp.concatenate([x[:, :prefix], dist, x[:, prefix:]], axis=1)
+      prefix += 1
     if cfg.pre_norm:
       x = Norm(bb, name="pre_norm")(x)
     layer_bias, bias = None, None
@@ -302,6 +315,8 @@ class ViTEncoder(nn.Module):
       pooled = Norm(bb, name="pool_norm")(pooled)
     aux = {"embedded": x, "encoded": hidden, "patch_tokens": patch_tokens,
            "pooled": pooled, **baux}
+    if cfg.distill_token:
+      aux["distill_token"] = hidden[:, prefix - 1]
     return pooled, aux
 
 
