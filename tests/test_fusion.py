@@ -107,3 +107,66 @@ def test_next_token_loss_by_hand():
   logp = jax.nn.log_softmax(logits, -1)
   terms = [-logp[0, 0, 2], -logp[0, 1, 3], -logp[0, 2, 4], -logp[1, 0, 1], -logp[1, 1, 2]]
   np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-6)
+
+
+def _task(**kw):
+  from datong.train import recipes  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base = recipes.get("fusion-digits").task
+  small = FusionConfig(TransformerConfig(width=32, depth=1, heads=2, mlp_dim=64),
+                       vocab_size=512, max_text_length=24)
+  return dataclasses.replace(base, model=small, **kw).build()
+
+
+def test_hard_negatives_are_the_likeliest_captions_of_another_digit():
+  task = _task(match_candidates=3)
+  rs = np.random.RandomState(0)
+  b = 6
+  images = jnp.asarray(rs.randn(b, 8, 8, 1), jnp.float32)
+  ids, valid = task.encode_texts([f"the number {i % 3}" for i in range(b)])
+  labels = jnp.asarray([i % 3 for i in range(b)], jnp.int32)
+  params = nn.unbox(task.init(jax.random.PRNGKey(0), None)["params"])
+  neg, usable = task._negatives(params, images, jnp.asarray(ids), jnp.asarray(valid), labels,  # pylint: disable=protected-access
+                                jax.random.PRNGKey(1))
+  # The candidates the same rng draws; every pair's match log-odds by a direct call.
+  cand = (np.arange(b)[:, None] + np.asarray(jax.random.randint(jax.random.PRNGKey(1), (b, 3),
+                                                                1, b))) % b
+  odds = np.zeros((b, b))
+  for j in range(b):
+    out, _ = task.model.apply({"params": params}, images, jnp.asarray(ids)[np.array([j] * b)],
+                              jnp.asarray(valid)[np.array([j] * b)])
+    odds[:, j] = np.asarray(out["match"][:, 1] - out["match"][:, 0])
+  for i in range(b):
+    others = [j for j in cand[i] if j % 3 != i % 3]
+    assert bool(usable[i]) == bool(others)
+    if others:
+      assert int(neg[i]) in others and int(neg[i]) != i
+      assert odds[i, int(neg[i])] == pytest.approx(max(odds[i, j] for j in others), abs=1e-5)
+
+
+def test_names_digit():
+  from datong.train.tasks.fusion import names_digit  # pylint: disable=import-outside-toplevel
+  names = tuple((n, str(i)) for i, n in enumerate(("zero", "one", "two")))
+  assert names_digit("a handwritten digit two", 2, names)
+  assert names_digit("the number 1, written by hand", 1, names)
+  assert not names_digit("a handwritten digit two", 1, names)
+  assert not names_digit("one or two", 1, names)  # names another digit too
+  assert not names_digit("someone wrote it", 1, names)  # "one" only inside a word
+
+
+def test_fusion_recipe_trains_and_evaluates_end_to_end(tmp_path):
+  from datong.train import config as config_lib, loop, recipes  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.override(recipes.get("fusion-digits"), {
+      "train.steps": "3", "train.batch_size": "16", "train.log_every": "1",
+      "task.model.backbone.depth": "1", "task.model.backbone.width": "32",
+      "task.model.backbone.mlp_dim": "64", "mesh.data": "2", "mesh.fsdp": "2",
+      "mesh.tensor": "2"})
+  result = loop.train(cfg, str(tmp_path), progress=False)
+  m = result.metrics
+  for key in ("eval/zero_shot_accuracy", "eval/match_zero_shot_accuracy", "eval/caption_accuracy"):
+    assert 0.0 <= m[key] <= 1.0
+  assert m["eval/caption_loss"] > 0 and np.isfinite(m["train/loss"])
+  assert {"train/caption_loss", "train/match_loss", "train/masked_patch_loss",
+          "train/masked_token_loss"} <= set(m)
+  lines = open(tmp_path / "captions_step3.txt").read().splitlines()
+  assert lines[0].startswith("label") and len(lines) == 17

@@ -209,16 +209,18 @@ def next_token_loss(logits, ids, text_valid):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                              "top_p", "eos_id", "pad_id"))
+                                              "top_p", "eos_id", "pad_id", "vocab_size"))
 def caption(model: FusionModel, params, images, prompt, rng=None, *, max_new_tokens: int,
             eos_id: int, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-            top_p: float = 1.0):
+            top_p: float = 1.0, vocab_size: int = 0):
   """Captions for ``images [b, h, w, c]`` with the KV cache, jitted.
 
   ``prompt [b, T0]``: the caption's start (a BOS id per row, or more). The
   image and prompt are encoded once (``prefill``); then one token per step
   (greedy with temperature 0, else ``sample_logits``' temperature / top-k /
-  top-p) until ``max_new_tokens`` or every row emitted ``eos_id``. Returns
+  top-p) until ``max_new_tokens`` or every row emitted ``eos_id``;
+  ``vocab_size > 0`` samples only ids below it (the tokenizer's, when the
+  model's table is larger). Returns
   ``{"tokens": [b, max_new_tokens] (pad_id after EOS), "lengths": [b]}``
   (tokens before the EOS), like ``unimodal.generation.generate``.
   """
@@ -237,6 +239,8 @@ def caption(model: FusionModel, params, images, prompt, rng=None, *, max_new_tok
   def body(t, state):
     cache, logits, out, lengths, done, rng = state
     rng, key = jax.random.split(rng)
+    if vocab_size:
+      logits = logits[:, :vocab_size]
     tok = sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, t].set(tok)

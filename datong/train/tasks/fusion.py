@@ -245,7 +245,7 @@ class FusionTask(Task):
       b = batch["image"].shape[0]
       prompt = jnp.full((b, prompt_len), tok.bos_id, jnp.int32)
       gen = caption(self.model, params, batch["image"], prompt, max_new_tokens=max_new,
-                    eos_id=tok.eos_id, pad_id=tok.pad_id)
+                    eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
       tokens, lengths = ctx.to_host(gen["tokens"])[keep], ctx.to_host(gen["lengths"])[keep]
       for row, label in enumerate(labels):
         text = tok.decode([int(t) for t in tokens[row, :lengths[row]]])
