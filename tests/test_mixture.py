@@ -341,3 +341,22 @@ def test_unified_digits_recipe_is_registered_and_compiles_on_a_2x2x2_mesh(tmp_pa
   trainer = loop.Trainer(cfg, str(tmp_path))
   assert list(trainer.abstract_state.params["shared"]) == ["backbone"]
   assert trainer.compile().memory_analysis() is not None
+
+
+def test_member_settings_are_overridable_by_name_and_round_trip_through_json():
+  from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = recipes.get("unified-digits")
+  cfg = config_lib.override(cfg, {"seq_length": "64", "task.members.mae.per_row": "4",
+                                  "task.members.clip.weight": "0.5", "width": "64"})
+  gpt, mae, clip = cfg.task.members
+  assert gpt.task.seq_length == 64 and mae.per_row == 4 and clip.weight == 0.5
+  assert gpt.per_row == 1 and clip.per_row == 16  # untouched
+  # A backbone field sets every member's backbone: the shared shapes stay equal.
+  widths = {config_lib.get_field(cfg, n) for n in config_lib.field_names(cfg)
+            if n.endswith("backbone.width")}
+  assert widths == {64}
+  back = config_lib.from_json(config_lib.to_json(cfg))
+  assert isinstance(back.task.members, tuple) and back.task.members[:2] == cfg.task.members[:2]
+  assert config_lib.to_json(back) == config_lib.to_json(cfg)
+  with pytest.raises(ValueError, match="ambiguous.*task.members.gpt.per_row"):
+    config_lib.override(cfg, {"per_row": "2"})
