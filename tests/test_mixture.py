@@ -360,3 +360,15 @@ def test_member_settings_are_overridable_by_name_and_round_trip_through_json():
   assert config_lib.to_json(back) == config_lib.to_json(cfg)
   with pytest.raises(ValueError, match="ambiguous.*task.members.gpt.per_row"):
     config_lib.override(cfg, {"per_row": "2"})
+
+
+def test_every_member_is_evaluated_on_its_own_held_out_data(tmp_path):
+  trainer = loop.Trainer(_run(MixtureTaskConfig(members=_members())), str(tmp_path),
+                         devices=jax.devices()[:1])
+  result = trainer.evaluate(trainer.init_state().params, 0)
+  assert result["eval/gpt/bytes"] == 32208  # every held-out pydoc byte, once
+  assert 0 < result["eval/gpt/bits_per_byte"] < 20
+  assert 0.5 < result["eval/mae/linear_probe_accuracy"] <= 1  # a probe on random features
+  assert {"eval/mae/knn_accuracy", "eval/mae/loss", "eval/clip/zero_shot_accuracy",
+          "eval/clip/i2t_recall@1", "eval/clip/loss"} <= set(result)
+  assert not any(k.startswith("eval/eval") or k.count("/") < 2 for k in result)
