@@ -372,3 +372,34 @@ def test_every_member_is_evaluated_on_its_own_held_out_data(tmp_path):
   assert {"eval/mae/knn_accuracy", "eval/mae/loss", "eval/clip/zero_shot_accuracy",
           "eval/clip/i2t_recall@1", "eval/clip/loss"} <= set(result)
   assert not any(k.startswith("eval/eval") or k.count("/") < 2 for k in result)
+
+
+def test_sampled_post_update_runs_only_for_drawn_microbatches():
+  """``mode="sample"`` with 2 microbatches: each microbatch draws its own
+  member; a member's ``post_update`` gets the mean of its statistics over
+  the microbatches that drew it, and does not run when none did."""
+  gpt, _, _ = _members(DigitsTaskConfig().backbone)
+  members = (gpt, MemberConfig("digits", DigitsTaskConfig(ema_decay=0.9), per_row=2))
+  cfg = _run(MixtureTaskConfig(members=members, mode="sample"), mesh=(1, 1, 1), microbatches=2)
+  trainer = loop.Trainer(cfg, "", devices=jax.devices()[:1])
+  task = trainer.task
+  state = trainer.init_state()
+  it = trainer.train_iterator()
+  expected, cases = 0.0, set()
+  for step in range(16):
+    batch = next(it)
+    rng = jax.random.fold_in(state.rng, step)  # the engine's step rng
+    labels = batch["digits/label"].astype(np.float32)
+    means = [float(np.mean(labels[i::2])) for i in range(2)
+             if np.argmax(task._selection(jax.random.fold_in(rng, i))) == 1]  # pylint: disable=protected-access
+    cases.add(len(means))
+    expected += float(np.mean(means)) if means else 0.0
+    before = jax.device_get(state.params["digits"]["ema"])
+    state, _ = trainer.step(state, data_lib.to_global(batch, trainer.batch_sharding))
+    after = jax.device_get(state.params["digits"]["ema"])
+    np.testing.assert_allclose(after["label_sum"], expected, rtol=1e-5)
+    if not means:  # not drawn: the EMA head did not move either
+      for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+  it.close()
+  assert cases == {0, 1, 2}  # not drawn, drawn by one microbatch (stats rescaled), by both
