@@ -38,7 +38,11 @@ Modes (``MixtureTaskConfig.mode``):
   the unified-digits recipe (1 CPU device, 2 shared cores under load 5-7,
   ``python bench/mixture.py --steps 6 --rounds 3``): ``all`` 2.48 s/step,
   ``sample/switch`` 1.10 s (0.44x), ``sample/weights`` 2.48 s (1.00x).
-  The host still prepares every member's batch in ``sample`` mode.
+  The host still prepares every member's batch in ``sample`` mode. With
+  ``train.microbatches`` each microbatch draws its own member (the engine
+  folds the microbatch into the rng); a member's ``post_update`` then gets
+  the mean of its statistics over the microbatches that drew it and is
+  skipped when none did.
 
 Metrics are per member: ``train/<member>/...`` and ``eval/<member>/...``
 (``train/<member>/sampled`` says whether the member ran in ``sample`` mode;
