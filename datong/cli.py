@@ -108,10 +108,7 @@ def _run(args) -> int:
     from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
     config = _resolved_config(args)
     for name in config_lib.field_names(config):
-      value = config
-      for part in name.split("."):
-        value = getattr(value, part)
-      print(f"{name} = {value!r}")
+      print(f"{name} = {config_lib.get_field(config, name)!r}")
     return 0
   if args.command == "train":
     from datong.train import loop  # pylint: disable=import-outside-toplevel

@@ -129,17 +129,36 @@ class RunConfig:
 
 # ---------------------------------------------------------------- overrides
 
+def _named_items(value) -> Optional[dict]:
+  """A tuple of dataclasses that each have a unique ``name`` (a mixture's
+  members) as ``{name: item}``; None for anything else."""
+  if not isinstance(value, tuple) or not value:
+    return None
+  if not all(dataclasses.is_dataclass(v) and isinstance(getattr(v, "name", None), str)
+             for v in value):
+    return None
+  items = {v.name: v for v in value}
+  return items if len(items) == len(value) else None
+
+
 def field_names(config, prefix: str = "", *, nodes: bool = False) -> list[str]:
   """Every dotted field name of a dataclass tree (``nodes``: also the
-  names of nested dataclasses, e.g. ``task.model``)."""
+  names of nested dataclasses, e.g. ``task.model``). A tuple of named
+  dataclasses is entered by name: ``task.members.gpt.task.seq_length``."""
   names = []
   for f in dataclasses.fields(config):
     value = getattr(config, f.name)
     name = f"{prefix}{f.name}"
+    items = _named_items(value)
     if dataclasses.is_dataclass(value):
       if nodes:
         names.append(name)
       names.extend(field_names(value, name + ".", nodes=nodes))
+    elif items is not None:
+      for key, item in items.items():
+        if nodes:
+          names.append(f"{name}.{key}")
+        names.extend(field_names(item, f"{name}.{key}.", nodes=nodes))
     else:
       names.append(name)
   return names
@@ -224,11 +243,17 @@ def resolve_names(config, settings: dict[str, Any], *, nodes: bool = False) -> d
   return out
 
 
+def get_field(config, dotted: str):
+  """The value of field ``dotted`` (a name from ``field_names``)."""
+  for part in dotted.split("."):
+    items = _named_items(config)
+    config = items[part] if items is not None else getattr(config, part)
+  return config
+
+
 def _node(config, dotted: str):
   """The dataclass holding field ``dotted``."""
-  for part in dotted.split(".")[:-1]:
-    config = getattr(config, part)
-  return config
+  return get_field(config, dotted.rpartition(".")[0]) if "." in dotted else config
 
 
 def _rebuild(config, names, new_value):
@@ -244,6 +269,11 @@ def _rebuild(config, names, new_value):
         changes[f.name] = new_value(name, node, f)
       elif dataclasses.is_dataclass(value) and any(k.startswith(name + ".") for k in names):
         changes[f.name] = apply(value, name + ".")
+      elif _named_items(value) is not None and any(k.startswith(name + ".") for k in names):
+        changes[f.name] = tuple(
+            new_value(f"{name}.{v.name}", node, f) if f"{name}.{v.name}" in names else
+            apply(v, f"{name}.{v.name}.") if any(k.startswith(f"{name}.{v.name}.") for k in names)
+            else v for v in value)
     return dataclasses.replace(node, **changes) if changes else node
 
   return apply(config, "")
