@@ -8,7 +8,7 @@ from datong.params import count_params
 # The notebook API (datong.notebook), imported on first use so that
 # `import datong` stays light: datong.build(...), datong.fit(...), ...
 _NOTEBOOK = (
-    "KINDS", "abstract_params", "apply", "attention_maps", "attention_weights", "build",
+    "KINDS", "abstract_params", "apply", "attention_maps", "attention_weights", "build", "caption",
     "confusion_matrix", "count", "describe", "example_inputs", "examples", "fit",
     "generate_text", "init", "plot_confusion_matrix", "quick_compile", "reconstruct",
     "run_config", "show_attention", "show_images", "tokenizer_of", "with_attention",

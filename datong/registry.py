@@ -27,6 +27,7 @@ import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal.clip import CLIP, ClipConfig
+from datong.multimodal.fusion import FusionConfig, FusionModel
 from datong.unimodal import masked_image as mim
 from datong.unimodal.beit import BEiT, BEiTConfig, beit_encoder, beit_masking
 from datong.unimodal.encoders import ImageClassifier
@@ -108,6 +109,13 @@ def _clip_inputs(model, batch, seed):
   return (images, jnp.asarray(ids))
 
 
+def _fusion_inputs(model, batch, seed):
+  cfg = model.config
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.uniform(-1, 1, (batch, *cfg.image_size, cfg.channels)), jnp.float32)
+  return images, _ids(rng, batch, cfg.max_text_length, cfg.vocab_size)
+
+
 def _backbone_inputs(model, batch, seed):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.standard_normal((batch, 16, model.config.width)), jnp.float32),)
@@ -183,6 +191,10 @@ register(ModelKind(
     lambda bb: ClipConfig(image=ViTConfig(bb), text=TextConfig(backbone=bb, positions="learned",
                                                                max_length=64)),
     _clip_inputs, encoder_path=("image", "encoder"), encoder_config=lambda c: c.image))
+register(ModelKind(
+    "fusion", "single-stream image+text model, prefix-LM (datong.multimodal.fusion.FusionModel)",
+    FusionModel, FusionConfig,
+    lambda bb: FusionConfig(bb, vocab_size=262, max_text_length=32), _fusion_inputs))
 register(ModelKind(
     "text_encoder", "text encoder, no head, optional BERT pooler "
     "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,

@@ -170,3 +170,25 @@ def test_fusion_recipe_trains_and_evaluates_end_to_end(tmp_path):
           "train/masked_token_loss"} <= set(m)
   lines = open(tmp_path / "captions_step3.txt").read().splitlines()
   assert lines[0].startswith("label") and len(lines) == 17
+
+
+def test_notebook_caption_decodes_the_cached_generation_and_refuses_other_models():
+  import datong  # pylint: disable=import-outside-toplevel
+  from datong.unimodal.tokenizers import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  model = datong.build("fusion", "tiny", image_size=8, patch_size=2, channels=1,
+                       max_text_length=12)
+  params = datong.init(model)
+  images = np.random.RandomState(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+  texts = datong.caption(model, params, images, prompt="ab")
+  tok = ByteTokenizer()
+  prompt = jnp.asarray([[tok.bos_id, 97, 98]] * 2, jnp.int32)
+  from datong.params import params_collection  # pylint: disable=import-outside-toplevel
+  out = caption(model, nn.unbox(params_collection(params)), jnp.asarray(images), prompt,
+                max_new_tokens=9, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=262)
+  for i in range(2):
+    n = int(out["lengths"][i])
+    assert texts[i] == "ab" + tok.decode(np.asarray(out["tokens"][i, :n]))
+  with pytest.raises(TypeError, match="FusionModel"):
+    datong.caption(datong.build("gpt", "tiny"), params, images)
+  with pytest.raises(ValueError, match="text positions"):
+    datong.caption(model, params, images, prompt="x" * 11)

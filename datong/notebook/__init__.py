@@ -40,14 +40,14 @@ from datong.notebook.models import (KINDS, abstract_params, apply, build, count,
                                     init, map_backbones, quick_compile, resolve_overrides,
                                     with_attention)
 from datong.notebook.params import ParamInfo, ParamTable, describe
-from datong.notebook.runs import (FitResult, examples, fit, generate_text, run_config,
+from datong.notebook.runs import (FitResult, caption, examples, fit, generate_text, run_config,
                                   tokenizer_of, zero_shot_predict)
 from datong.notebook.views import (attention_maps, attention_weights, confusion_matrix,
                                    plot_confusion_matrix, reconstruct, show_attention, show_images)
 
 __all__ = [
     "KINDS", "FitResult", "ParamTable", "abstract_params", "apply", "attention_maps",
-    "attention_weights", "build", "confusion_matrix", "count", "describe", "example_inputs",
+    "attention_weights", "build", "caption", "confusion_matrix", "count", "describe", "example_inputs",
     "examples", "fit", "generate_text", "init", "plot_confusion_matrix", "quick_compile",
     "reconstruct", "run_config", "show_attention", "show_images", "tokenizer_of",
     "with_attention", "zero_shot_predict",

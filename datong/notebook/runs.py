@@ -230,6 +230,39 @@ def generate_text(model: nn.Module, params, prompts, *, max_new_tokens: int = 64
   return decoded[0] if single else decoded
 
 
+def caption(model: nn.Module, params, images, *, prompt: str = "", max_new_tokens: int = 0,
+            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, tokenizer="byte",
+            rng=0) -> list[str]:
+  """Captions of ``images [n, h, w, c]`` (the task's input range, e.g. from
+  ``examples``) by a single-stream ``FusionModel``: ``<bos> + prompt`` then
+  KV-cache decoding (``datong.multimodal.fusion.caption``; the image is
+  encoded once) until ``<eos>``; greedy unless ``temperature > 0``.
+  ``tokenizer``: as in ``generate_text`` (``tokenizer=run`` for a learned
+  vocabulary). ``max_new_tokens``: 0 fills the text positions left."""
+  from datong.multimodal.fusion import FusionModel, caption as decode  # pylint: disable=import-outside-toplevel
+  if not isinstance(model, FusionModel):
+    raise TypeError(f"caption: needs a FusionModel (datong.build('fusion', ...) or a "
+                    f"fusion-digits run's model); got {type(model).__name__}.")
+  tok = tokenizer_of(tokenizer)
+  if tok.vocab_size > model.config.vocab_size:
+    raise ValueError(f"caption: the tokenizer has {tok.vocab_size} ids but the model's "
+                     f"vocabulary is {model.config.vocab_size}; pass the tokenizer it was "
+                     "trained with (tokenizer=run, or the recipe name).")
+  start = [tok.bos_id] + list(tok.encode(prompt))
+  room = model.config.max_text_length - len(start)
+  if room < 1:
+    raise ValueError(f"caption: the prompt takes {len(start)} of the model's "
+                     f"{model.config.max_text_length} text positions; shorten it.")
+  images = jnp.asarray(images, jnp.float32)
+  prompts = jnp.asarray(np.tile(np.asarray(start, np.int32), (images.shape[0], 1)))
+  out = decode(model, nn.unbox(params_collection(params)), images, prompts, _rng(rng),
+               max_new_tokens=min(max_new_tokens or room, room), eos_id=tok.eos_id,
+               pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+               vocab_size=tok.vocab_size)
+  tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+  return [prompt + tok.decode(tokens[i, :lengths[i]]) for i in range(images.shape[0])]
+
+
 def zero_shot_predict(task, params, images) -> np.ndarray:
   """Zero-shot class ids ``[n]`` of a CLIP task's prompts for ``images``
   ``[n, h, w, c]`` (in the task's input range, e.g. from ``examples``)."""
