@@ -154,8 +154,9 @@ class MoeMlp(nn.Module):
                        f"expert shards (mesh axes {expert_axes}) with "
                        "expert_parallel='shard_map'.")
     width = moe.expert_dim or self.config.mlp_dim
-    if set(_axes(mlp_axes)) & set(_axes(batch_axes)) or width % size(mlp_axes):
-      mlp_axes = None  # the experts' hidden units are not split
+    if (size(mlp_axes) == 1 or set(_axes(mlp_axes)) & set(_axes(batch_axes))
+        or width % size(mlp_axes)):
+      mlp_axes = None  # the experts' hidden units are not split (and need no psum)
     return mesh, batch_axes, expert_axes, mlp_axes
 
   def _shard_map_experts(self, params, fill, empty, x, route, plan):
