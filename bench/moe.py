@@ -3,7 +3,7 @@ FLOPs, and parameter / step memory per device with the experts sharded 1, 2,
 4 and 8 ways.
 
     python bench/moe.py [--steps 10] [--repeats 3] [--smoke] [--memory-dispatch gather]
-    python bench/moe.py --a2a [--steps 3] [--repeats 3] [--smoke]
+    python bench/moe.py --a2a [--steps 3] [--repeats 3] [--smoke]   # --smoke: short rows
 
 Timing (one device, one process, variants interleaved, median of
 ``--repeats`` rounds; ``bench/step_time.step_runner``): ``gpt-pydoc`` dense
@@ -212,10 +212,10 @@ def main():
     return memory_child(args)
   if args.a2a_child:
     return a2a_child(args)
+  if args.a2a:  # --smoke: short rows only
+    return a2a(args)
   if args.smoke:
     args.steps, args.repeats = 2, 1
-  if args.a2a:
-    return a2a(args)
   if not args.skip_timing:
     time_steps(args)
   if not args.skip_memory:

@@ -444,7 +444,13 @@ def test_shard_map_expert_parallel_trains_as_on_one_device(name):
     if "'key']['bias']" in jax.tree_util.keystr(path):
       continue  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  assert " all-to-all(" in trainer.compile().as_text()
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+           for k, v in trainer.batch_spec.items()}
+  from datong.train.sharding import RULES  # pylint: disable=import-outside-toplevel
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(RULES):  # as the engine traces
+    lowered = trainer.step_fn.lower(trainer.abstract_state, batch)
+  assert "manual_computation" in lowered.as_text()  # the step ran the shard_map path
+  assert " all-to-all(" in lowered.compile().as_text()
 
 
 def test_dropless_under_expert_sharding_gives_the_unsharded_losses():
