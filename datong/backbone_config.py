@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 MOE_ROUTERS = ("token_choice", "expert_choice", "modality")
 MOE_DISPATCH = ("capacity", "gather", "dropless")
+MOE_EXPERT_PARALLEL = ("xla", "shard_map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,12 @@ class MoEConfig:
   ``moe_load_balancing`` (Switch; token choice), ``moe_router_z`` (ST-MoE),
   ``moe_local_entropy`` / ``moe_global_entropy`` (LIMoE, per modality; the
   global one is ``max(0, threshold - H)``, threshold None: ``log(experts)/2``).
+  ``expert_parallel``: how tokens reach experts sharded over the mesh (the
+  logical axis ``expert``): ``xla`` (sharding constraints; the compiler's
+  partitioner inserts the all-to-all) or ``shard_map`` (explicit
+  ``jax.lax.all_to_all`` each way; capacity and gather dispatch only). Both
+  compute the same layer; without an ambient mesh whose ``expert`` axes
+  exceed 1 they are the same code.
   """
   experts: int = 0
   top_k: int = 2
@@ -65,6 +72,7 @@ class MoEConfig:
   local_entropy_weight: float = 0.0
   global_entropy_weight: float = 0.0
   global_entropy_threshold: Optional[float] = None
+  expert_parallel: str = "xla"
 
   def __post_init__(self):
     def bad(field, why):
@@ -79,6 +87,8 @@ class MoEConfig:
       bad("router", f"choose one of {MOE_ROUTERS}")
     if self.dispatch not in MOE_DISPATCH:
       bad("dispatch", f"choose one of {MOE_DISPATCH}")
+    if self.expert_parallel not in MOE_EXPERT_PARALLEL:
+      bad("expert_parallel", f"choose one of {MOE_EXPERT_PARALLEL}")
     if self.capacity_factor is not None and not self.capacity_factor > 0:
       bad("capacity_factor", "must be positive (or None: no capacity limit)")
     if self.expert_dim is not None and (not isinstance(self.expert_dim, int)
@@ -95,6 +105,10 @@ class MoEConfig:
     if self.router == "expert_choice" and self.dispatch != "capacity":
       bad("dispatch", "expert-choice routing is implemented in the one-hot capacity "
           "form only; use dispatch='capacity'")
+    if self.expert_parallel == "shard_map" and self.dispatch == "dropless":
+      bad("expert_parallel", "the shard_map all-to-all moves fixed-size capacity buffers; "
+          "dropless groups are ragged: use dispatch='capacity' or 'gather' with it, or "
+          "expert_parallel='xla'")
     if self.router == "modality" and self.experts != self.modalities:
       bad("experts", f"the modality router sends modality m to expert m: set "
           f"experts = modalities = {self.modalities} (or modalities={self.experts})")

@@ -14,19 +14,36 @@ to the mesh axis ``expert``, so the experts are sharded over it; the
 dispatched tokens ``[groups, experts, capacity, width]`` are constrained to
 ``(expert_group, expert, ., embed)`` and the compiler moves them between the
 batch-sharded and the expert-sharded layouts (an all-to-all).
+
+With ``MoEConfig.expert_parallel="shard_map"`` and an ambient mesh (``jax.
+set_mesh`` and flax's logical rules, as the engine sets them) whose
+``expert`` axes exceed 1, the capacity and gather forms run under
+``shard_map`` instead: each device fills its own rows' buffers ``[g, E, C,
+D]``, ``jax.lax.all_to_all`` over the expert axes sends expert ``e``'s
+buffers to the device holding it (``[g * n, E / n, C, D]``), the local
+experts run (their ``mlp`` dim stays split over the ``mlp`` mesh axes, e.g.
+``tensor``, with a ``psum`` after ``wo``; ``embed`` is gathered), a second
+all-to-all brings the outputs back and each device combines its tokens.
+Routing is per sequence either way, so capacity and drops are the same as on
+one device. The layer still sees no mesh names: it asks the logical rules
+where ``batch``, ``expert`` and ``mlp`` go.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from datong.backbone import Mlp, _activation, _constrain, _kernel_init, _partitioned
 from datong.backbone_config import MoEConfig, TransformerConfig
 from datong.ops import moe as moe_ops
+from datong.ops.pallas.sharding import ambient_mesh, logical_to_mesh_axes, shard_map
 
 __all__ = ["MoeMlp", "STAT_NAMES"]
 
@@ -78,14 +95,8 @@ class MoeMlp(nn.Module):
 
   def _hidden(self, params, project):
     """The experts' activation of ``project(kernel, bias)`` (gated or not)."""
-    cfg = self.config
-    if cfg.activation in ("swiglu", "geglu"):
-      gate, up = project(*params["wi_gate"]), project(*params["wi_up"])
-      gate = nn.silu(gate) if cfg.activation == "swiglu" else nn.gelu(gate, approximate=False)
-      h = gate * up
-    else:
-      h = _activation(cfg.activation, project(*params["wi"]))
-    return nn.Dropout(cfg.dropout)(h, deterministic=not self.train)
+    h = _expert_activation(self.config.activation, params, project)
+    return nn.Dropout(self.config.dropout)(h, deterministic=not self.train)
 
   def _buffer_experts(self, params, xin):
     """The experts on their buffers ``[G, E, C, D]`` -> same shape. Groups
@@ -104,27 +115,112 @@ class MoeMlp(nn.Module):
     out = _constrain(out if bias is None else out + bias[None, :, None], names)
     return _constrain(out, local)  # and back
 
+  def _on_buffers(self, params, fill, empty, x, route):
+    """``empty(experts(fill(x, *route)), *route)``: ``fill`` builds the
+    buffers ``[G, E, C, D]`` from a group's tokens, ``empty`` combines their
+    outputs back to ``[G, S, D]``; both act row by row. Under ``shard_map``
+    when ``_expert_parallel_plan`` gives one, else by the compiler."""
+    plan = self._expert_parallel_plan(x.shape[0])
+    if plan is None:
+      # Routing stays local to each batch shard; the all-to-all is on the buffers.
+      route = tuple(_constrain(r, ("batch",) + (None,) * (r.ndim - 1)) for r in route)
+      return empty(self._buffer_experts(params, fill(x, *route)), *route)
+    return self._shard_map_experts(params, fill, empty, x, route, plan)
+
+  def _expert_parallel_plan(self, groups: int):
+    """``(mesh, batch_axes, expert_axes, mlp_axes)`` for the ``shard_map``
+    path, or None: not asked for, no ambient mesh or logical rules, the
+    experts not split (``expert`` axes of size 1), or ``groups`` not dividing
+    over the batch shards (e.g. ``init`` on a small example; the compiler's
+    path computes the same values)."""
+    moe = self.config.moe
+    rules = nn.get_logical_axis_rules()
+    mesh = ambient_mesh() if moe.expert_parallel == "shard_map" and rules else None
+    if mesh is None:
+      return None
+    (batch_axes,) = logical_to_mesh_axes(("batch",), rules)
+    expert_axes, _, mlp_axes = logical_to_mesh_axes(("expert", "embed", "mlp"), rules)
+    size = lambda axes: math.prod(mesh.shape[a] for a in _axes(axes))
+    n = size(expert_axes)
+    if n == 1 or groups % size(batch_axes):
+      return None
+    if not set(_axes(expert_axes)) <= set(_axes(batch_axes)):
+      raise ValueError(
+          f"MoEConfig.expert_parallel='shard_map': the logical rules put experts on mesh "
+          f"axes {expert_axes} and the batch on {batch_axes}; the all-to-all exchanges "
+          "tokens between batch shards, so the expert axes must also shard the batch.")
+    if moe.experts % n:
+      raise ValueError(f"MoEConfig.experts={moe.experts} must be divisible by the {n} "
+                       f"expert shards (mesh axes {expert_axes}) with "
+                       "expert_parallel='shard_map'.")
+    width = moe.expert_dim or self.config.mlp_dim
+    if (size(mlp_axes) == 1 or set(_axes(mlp_axes)) & set(_axes(batch_axes))
+        or width % size(mlp_axes)):
+      mlp_axes = None  # the experts' hidden units are not split (and need no psum)
+    return mesh, batch_axes, expert_axes, mlp_axes
+
+  def _shard_map_experts(self, params, fill, empty, x, route, plan):
+    """The explicit expert-parallel form of ``_on_buffers`` (module docstring)."""
+    cfg = self.config
+    mesh, batch_axes, expert_axes, mlp_axes = plan
+    dropout = cfg.dropout if self.train else 0.0
+    key = self.make_rng("dropout") if dropout else jnp.zeros((2,), jnp.uint32)
+    names = [n for n in params if n != "wo"]
+    weights = [params[n][0] for n in names] + [params["wo"][0]]
+    biases = [params[n][1] for n in names] + [params["wo"][1]]
+    w_specs = [P(expert_axes, None, mlp_axes)] * len(names) + [P(expert_axes, mlp_axes, None)]
+    b_specs = [P(expert_axes, mlp_axes)] * len(names) + [P(expert_axes, None)]
+    has_bias = biases[0] is not None
+    biases = biases if has_bias else []
+    b_specs = b_specs if has_bias else []
+    rows = lambda a: P(batch_axes, *(None,) * (a.ndim - 1))
+    args = (x, *route, key, *weights, *biases)
+    in_specs = (rows(x), *(rows(r) for r in route), P(), *w_specs, *b_specs)
+
+    n_route = len(route)
+
+    def local(x, *rest):
+      route, (key, *rest) = rest[:n_route], rest[n_route:]
+      ws, bs = rest[:len(weights)], rest[len(weights):]
+      bs = bs if has_bias else (None,) * len(ws)
+      local_params = {n: (ws[i], bs[i]) for i, n in enumerate(names)}
+      xin = fill(x, *route)  # [g, E, C, D]: this device's rows
+      xin = jax.lax.all_to_all(xin, expert_axes, 1, 0, tiled=True)  # [g*n, E/n, C, D]
+
+      def project(kernel, bias):
+        y = jnp.einsum("gecd,edm->gecm", xin, kernel)
+        return y if bias is None else y + bias[None, :, None]
+      h = _expert_activation(cfg.activation, local_params, project)
+      if dropout:
+        for axis in mesh.axis_names:  # a different mask on every device
+          key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        keep = jax.random.bernoulli(key, 1.0 - dropout, h.shape)
+        h = jnp.where(keep, h / (1.0 - dropout), 0).astype(h.dtype)
+      out = jnp.einsum("gecm,emd->gecd", h, ws[-1])
+      if mlp_axes is not None:  # each device holds part of the hidden units
+        out = jax.lax.psum(out, mlp_axes)
+      if bs[-1] is not None:
+        out = out + bs[-1][None, :, None]
+      out = jax.lax.all_to_all(out, expert_axes, 0, 1, tiled=True)  # [g, E, C, D]
+      return empty(out, *route)
+
+    if getattr(mesh, "explicit_axes", ()):
+      # Under Explicit axes shard_map checks, rather than imposes, input specs.
+      args = tuple(jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs))
+    return shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows(x))(*args)
+
   def _capacity_experts(self, params, x, dispatch, combine):
     """Einsum form: ``x [G, S, D]``, one-hot ``[G, S, E, C]`` -> ``[G, S, D]``."""
-    # Routing stays local to each batch shard; the all-to-all is on the buffers.
-    dispatch = _constrain(dispatch, ("batch", "length", None, None))
-    combine = _constrain(combine, ("batch", "length", None, None))
-    out = self._buffer_experts(params, jnp.einsum("gsec,gsd->gecd", dispatch, x))
-    return jnp.einsum("gsec,gecd->gsd", combine, out)
+    return self._on_buffers(params, _einsum_fill, _einsum_empty, x, (dispatch, combine))
 
   def _gather_experts(self, params, x, experts, slots, weights, cap):
     """Gather form of the same buffers: slot -> token index, assignment ->
     slot index (``ops.moe.slot_tokens``); empty slots read a zero row."""
-    g, s, d = x.shape
     n = self.config.moe.experts
     tokens, pos = moe_ops.slot_tokens(experts, slots, n, cap)
-    padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-    xin = jnp.take_along_axis(padded, tokens[..., None], axis=1).reshape(g, n, cap, d)
-    out = self._buffer_experts(params, xin).reshape(g, n * cap, d)
-    out = jnp.concatenate([out, jnp.zeros((g, 1, d), out.dtype)], axis=1)
-    picked = jnp.take_along_axis(out, pos.reshape(g, -1)[..., None], axis=1)
-    picked = picked.reshape(g, s, -1, d)
-    return jnp.einsum("gskd,gsk->gsd", picked, weights.astype(picked.dtype))
+    fill = functools.partial(_gather_fill, experts=n, capacity=cap)
+    return self._on_buffers(params, fill, _gather_empty, x,
+                            (tokens, pos, weights.astype(x.dtype)))
 
   def _dropless_experts(self, params, x, experts, weights):
     """Sorted form: every assignment computed, grouped by expert for
@@ -219,6 +315,49 @@ class MoeMlp(nn.Module):
       y = y + Mlp(dense, self.train, name="shared_expert")(x)
     y = _constrain(y.astype(cfg.compute_dtype), ("batch", "length", "embed"))
     return y, losses, {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+
+
+def _axes(axes) -> tuple:
+  return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def _expert_activation(activation: str, params, project):
+  """``act(project(wi))`` or, gated, ``act(project(wi_gate)) * project(wi_up)``;
+  ``project(kernel, bias)`` applies one input projection."""
+  if activation in ("swiglu", "geglu"):
+    gate, up = project(*params["wi_gate"]), project(*params["wi_up"])
+    gate = nn.silu(gate) if activation == "swiglu" else nn.gelu(gate, approximate=False)
+    return gate * up
+  return _activation(activation, project(*params["wi"]))
+
+
+# Buffers from a group's tokens and back, row by row (each works on any
+# slice of the rows, which the shard_map path relies on).
+
+def _einsum_fill(x, dispatch, combine):
+  del combine
+  return jnp.einsum("gsec,gsd->gecd", dispatch, x)
+
+
+def _einsum_empty(out, dispatch, combine):
+  del dispatch
+  return jnp.einsum("gsec,gecd->gsd", combine, out)
+
+
+def _gather_fill(x, tokens, pos, weights, *, experts: int, capacity: int):
+  del pos, weights
+  g, _, d = x.shape
+  padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+  return jnp.take_along_axis(padded, tokens[..., None], axis=1).reshape(g, experts, capacity, d)
+
+
+def _gather_empty(out, tokens, pos, weights):
+  del tokens
+  g, e, c, d = out.shape
+  out = jnp.concatenate([out.reshape(g, e * c, d), jnp.zeros((g, 1, d), out.dtype)], axis=1)
+  picked = jnp.take_along_axis(out, pos.reshape(g, -1)[..., None], axis=1)
+  picked = picked.reshape(pos.shape + (d,))
+  return jnp.einsum("gskd,gsk->gsd", picked, weights.astype(picked.dtype))
 
 
 def moe_metrics(layer_stats: dict, layers: Optional[list] = None) -> dict:

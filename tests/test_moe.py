@@ -266,10 +266,12 @@ def _digits_losses(mesh, steps=3, **moe):
     state, metrics = trainer.step(state, data_lib.to_global(next(it), trainer.batch_sharding))
     losses.append(metrics)
   it.close()
+  trainer.final_params = jax.device_get(nn.unbox(state.params))
   return [jax.device_get(m) for m in losses], trainer
 
 
-MESHES = {"expert4_data2": dict(data=2, expert=4), "expert4_fsdp2": dict(data=1, fsdp=2, expert=4)}
+MESHES = {"expert4_data2": dict(data=2, expert=4), "expert4_fsdp2": dict(data=1, fsdp=2, expert=4),
+          "expert2_fsdp2_tensor2": dict(data=1, fsdp=2, expert=2, tensor=2)}
 
 
 def test_expert_parallel_meshes_give_the_unsharded_losses():
@@ -330,3 +332,131 @@ def test_moe_recipes_are_registered_and_one_compiles_on_an_expert_mesh(tmp_path)
       trainer.params_plan.shardings)[0] if jax.tree_util.keystr(path).endswith("['wi']")]
   assert backbones and all(tuple(s.spec)[0] == "expert" for s in backbones)
   assert trainer.compile().memory_analysis() is not None
+
+
+# ------------------------------------ explicit all-to-all (shard_map) --
+
+def _mesh_context(mesh):
+  from datong.train import sharding  # pylint: disable=import-outside-toplevel
+  from datong.train.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  n = int(np.prod(list(mesh.values())))
+  m = sharding.make_mesh(MeshConfig(**mesh), jax.devices()[:n])
+  import contextlib  # pylint: disable=import-outside-toplevel
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(m))
+  stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+  return stack
+
+
+@pytest.mark.parametrize("mesh,dispatch,router,activation", [
+    ("expert4_data2", "capacity", "token_choice", "gelu"),
+    ("expert4_data2", "gather", "token_choice", "gelu"),
+    ("expert4_data2", "capacity", "expert_choice", "gelu"),
+    ("expert2_fsdp2_tensor2", "gather", "token_choice", "swiglu"),
+])
+def test_shard_map_layer_equals_one_device_values_gradients_and_drops(mesh, dispatch, router,
+                                                                      activation):
+  # Capacity is per sequence (routing group) and every device holds whole
+  # sequences, so the local buffers drop exactly the one-device assignments.
+  cfg = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, activation=activation,
+                          moe=MoEConfig(experts=4, top_k=2, dispatch=dispatch, router=router,
+                                        capacity_factor=1.0, expert_parallel="shard_map"))
+  x = _x((16, 8, 16), seed=2)
+  layer, p = _layer(cfg, x)
+
+  def loss(params, x):
+    y, losses, stats = layer.apply({"params": params}, x)
+    return jnp.sum(y * jnp.cos(x)) + sum(losses.values()), stats["dropped_fraction"]
+
+  grad = jax.value_and_grad(loss, has_aux=True)
+  (want, want_drop), want_g = jax.jit(grad)(p, x)
+  with _mesh_context(MESHES[mesh]):
+    jaxpr = str(jax.make_jaxpr(grad)(p, x))
+    (got, got_drop), got_g = jax.jit(grad)(p, x)
+  assert "shard_map" in jaxpr and "all_to_all" in jaxpr  # the explicit path ran
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for k in p:
+    for a, b in zip(jax.tree.leaves(got_g[k]), jax.tree.leaves(want_g[k])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=k)
+  assert float(got_drop) == float(want_drop)
+  if router == "token_choice":  # the drops, counted by hand over the whole batch
+    probs = jax.nn.softmax(x @ p["router"], axis=-1)
+    experts, _ = moe_ops.token_choice(probs, 2)
+    slots = moe_ops.capacity_slots(experts, jnp.ones((16, 8), bool), 4, 4)
+    assert 0 < float(got_drop) == pytest.approx(float(jnp.mean(slots < 0)))
+
+
+def test_shard_map_path_is_the_xla_path_without_an_expert_mesh():
+  cfg = _cfg(experts=4, top_k=2, dispatch="gather", expert_parallel="shard_map")
+  x = _x((8, 6, WIDTH))
+  layer, p = _layer(cfg, x)
+  xla = MoeMlp(cfg.replace(moe=MoEConfig(experts=4, top_k=2, dispatch="gather")))
+  for mesh in (None, dict(data=8), dict(data=2, fsdp=2, tensor=2)):  # expert axis 1
+    with (_mesh_context(mesh) if mesh else nn.logical_axis_rules(())):
+      jaxpr = str(jax.make_jaxpr(lambda q: layer.apply({"params": q}, x))(p))
+      got = jax.jit(lambda q: layer.apply({"params": q}, x)[0])(p)
+      want = jax.jit(lambda q: xla.apply({"params": q}, x)[0])(p)
+    assert "shard_map" not in jaxpr
+    np.testing.assert_array_equal(got, want)
+
+
+def test_shard_map_dropout_draws_a_mask_per_device():
+  cfg = TransformerConfig(width=16, depth=1, heads=2, mlp_dim=32, dropout=0.5,
+                          moe=MoEConfig(experts=4, top_k=1, dispatch="gather",
+                                        capacity_factor=None, expert_parallel="shard_map"))
+  x = _x((8, 6, 16))
+  _, p = _layer(cfg, x)
+  layer = MoeMlp(cfg, train=True)
+  run = jax.jit(lambda key: layer.apply({"params": p}, x, rngs={"dropout": key})[0])
+  with _mesh_context(MESHES["expert4_data2"]):
+    a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+  clean = MoeMlp(cfg).apply({"params": p}, x)[0]
+  np.testing.assert_array_equal(a, b)  # a function of the key
+  assert np.all(np.isfinite(a)) and not np.allclose(a, c) and not np.allclose(a, clean)
+  # Equal rows 0 and 4 sit in the same buffer positions of devices (data 0,
+  # expert j) and (data 1, expert j); the key folded with the device index
+  # gives them different masks.
+  same = jnp.broadcast_to(x[:1], x.shape)
+  with _mesh_context(MESHES["expert4_data2"]):
+    rows = jax.jit(lambda key: layer.apply({"params": p}, same, rngs={"dropout": key})[0])(
+        jax.random.PRNGKey(0))
+  assert not np.allclose(rows[0], rows[4])
+
+
+def test_expert_parallel_setting_is_checked_with_a_fix():
+  with pytest.raises(ValueError, match="expert_parallel='xla'"):
+    MoEConfig(experts=4, dispatch="dropless", expert_parallel="shard_map")
+  with pytest.raises(ValueError, match="expert_parallel.*choose one of"):
+    MoEConfig(experts=4, expert_parallel="pmap")
+
+
+@pytest.mark.parametrize("name", ["expert4_data2", "expert2_fsdp2_tensor2"])
+def test_shard_map_expert_parallel_trains_as_on_one_device(name):
+  # Several steps: equal losses and gradient norms each step, equal weights after.
+  single, ref = _digits_losses(dict(data=1), dispatch="gather", capacity_factor=1.0)
+  got, trainer = _digits_losses(MESHES[name], dispatch="gather", capacity_factor=1.0,
+                                expert_parallel="shard_map")
+  for key in ("train/loss", "train/grad_norm", "train/aux_loss/moe_load_balancing"):
+    np.testing.assert_allclose([float(m[key]) for m in got], [float(m[key]) for m in single],
+                               rtol=2e-5, err_msg=key)
+  flat = jax.tree_util.tree_flatten_with_path(trainer.final_params)[0]
+  for (path, a), b in zip(flat, jax.tree.leaves(ref.final_params)):
+    if "'key']['bias']" in jax.tree_util.keystr(path):
+      continue  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+           for k, v in trainer.batch_spec.items()}
+  from datong.train.sharding import RULES  # pylint: disable=import-outside-toplevel
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(RULES):  # as the engine traces
+    lowered = trainer.step_fn.lower(trainer.abstract_state, batch)
+  assert "manual_computation" in lowered.as_text()  # the step ran the shard_map path
+  assert " all-to-all(" in lowered.compile().as_text()
+
+
+def test_dropless_under_expert_sharding_gives_the_unsharded_losses():
+  single, _ = _digits_losses(dict(data=1), dispatch="dropless")
+  want = [float(m["train/loss"]) for m in single]
+  for name in ("expert4_data2", "expert4_fsdp2"):
+    got, _ = _digits_losses(MESHES[name], dispatch="dropless")
+    np.testing.assert_allclose([float(m["train/loss"]) for m in got], want, rtol=2e-5,
+                               err_msg=name)

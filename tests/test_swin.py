@@ -77,7 +77,7 @@ def test_shifted_window_attention_equals_direct_masked_attention(version):
   stage = SwinStage(cfg, 0, merge=False)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 8))
   params = _params(stage, x, 0)
-  out, _, _ = stage.apply({"params": params}, x, 0)
+  out, _, _, _ = stage.apply({"params": params}, x, 0)
 
   h, w, m = 5, 7, 3
   hp, wp = 6, 9
@@ -186,3 +186,34 @@ def test_remat_gives_the_same_outputs_and_gradients():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ga, gb)
   with pytest.raises(ValueError, match="scan_layers"):
     cfg.replace(backbone=bb.replace(scan_layers=True))
+
+
+def test_moe_swin_passes_every_layers_auxiliary_losses_up():
+  from datong.backbone_config import MoEConfig
+  from datong.train.task import with_aux_losses
+  from datong.unimodal.swin import SwinEncoder
+  # Experts in layers 1 and 2 (every=2 over 4 layers: 0-1 in stage 0, 2-3 in stage 1 -> 1, 3).
+  bb = swin_backbone(8, (2, 2), (2, 2), moe=MoEConfig(experts=2, top_k=1, every=2))
+  cfg = SwinConfig(bb, depths=(2, 2), heads=(2, 2), window_size=2, image_size=(8, 8),
+                   patch_size=2, channels=1)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  params = nn.unbox(jax.jit(SwinEncoder(cfg).init)(jax.random.PRNGKey(1), images)["params"])
+  assert "router" in params["stage_0"]["layer_1"]["mlp"]
+  assert "router" in params["stage_1"]["layer_1"]["mlp"]
+  _, aux = SwinEncoder(cfg).apply({"params": params}, images)
+  per_layer = aux["layer_losses"]["moe_load_balancing"]
+  assert per_layer.shape == (4,) and float(per_layer[0]) == float(per_layer[2]) == 0.0
+  assert float(per_layer[1]) > 0 and float(per_layer[3]) > 0  # >= 0.01: the weight x >= 1
+  np.testing.assert_allclose(aux["losses"]["moe_load_balancing"], per_layer.sum(), rtol=1e-6)
+  assert aux["moe"]["expert_load"].shape == (2, 2)
+  assert {"moe/layer_1/moe_load_balancing", "moe/layer_3/dropped_fraction"} <= set(aux["metrics"])
+  # The task sees them, and their gradient reaches the routers of both stages.
+  assert set(with_aux_losses({}, aux)["aux_losses"]) == {"moe_load_balancing", "moe_router_z"}
+  g = jax.grad(lambda p: sum(SwinEncoder(cfg).apply({"params": p}, images)[1]["losses"].values()))(
+      params)
+  for stage in ("stage_0", "stage_1"):
+    assert float(jnp.linalg.norm(g[stage]["layer_1"]["mlp"]["router"])) > 0
+  # A dense Swin adds no losses key.
+  dense = SwinEncoder(cfg.replace(backbone=bb.replace(moe=MoEConfig())))
+  _, dense_aux = dense.apply(dense.init(jax.random.PRNGKey(1), images), images)
+  assert "losses" not in dense_aux and "moe" not in dense_aux

@@ -12,8 +12,10 @@ the mesh axis ``expert``, which also shards the batch everywhere else (it is
 one of ``BATCH_AXES``). Inside an MoE layer the dispatched tokens
 ``[expert_group, expert, capacity, embed]`` keep their groups over ``data``
 and ``fsdp`` and put experts over ``expert``: the compiler's partitioner
-inserts the all-to-all between the two layouts (no hand-written
-``shard_map``).
+inserts the all-to-all between the two layouts, or, with
+``MoEConfig.expert_parallel="shard_map"``, the layer calls
+``jax.lax.all_to_all`` itself under ``shard_map`` (it reads these rules and
+the ambient mesh, never mesh names).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import numpy as np
 
 from datong.backbone import _REMAT_POLICIES as REMAT_POLICIES  # the backbone's one table
 from datong.backbone import Block, Norm, TransformerConfig, block_inputs
+from datong.backbone_moe import moe_metrics
 from datong.ops import windows as W
 from datong.ops.patches import grid_shape, pair, patchify
 
@@ -262,6 +263,25 @@ class SwinConfig:
     return float(total)
 
 
+def _layer_aux(backbone: TransformerConfig, layer_aux) -> dict:
+  """The ``Transformer``'s aux keys from every layer's ``(losses, stats)``:
+  ``losses`` (name -> sum over layers), ``layer_losses`` (name -> ``[layers]``),
+  and for MoE layers ``moe`` (name -> ``[moe_layers, ...]``) and ``metrics``;
+  no key for what no layer has."""
+  losses = [loss for loss, _ in layer_aux]
+  out = {}
+  if losses and losses[0]:
+    out["layer_losses"] = {k: jnp.stack([jnp.asarray(loss[k], jnp.float32) for loss in losses])
+                           for k in losses[0]}
+    out["losses"] = {k: jnp.sum(v) for k, v in out["layer_losses"].items()}
+  stats = [st for _, st in layer_aux if st]
+  if stats:
+    out["moe"] = {k: jnp.stack([st[k] for st in stats]) for k in stats[0]}
+    out["metrics"] = moe_metrics(out["moe"], [i for i in range(len(layer_aux))
+                                              if backbone.moe.is_moe_layer(i)])
+  return out
+
+
 class RelativePositionBias(nn.Module):
   """Swin V1's bias: a learned ``table [(2m-1)**2, heads]`` looked up by offset."""
   config: TransformerConfig
@@ -306,7 +326,8 @@ class SwinStage(nn.Module):
 
   ``__call__(x [b, h, w, c], first_layer) -> (stage output [b, h, w, c],
   merged [b, ceil(h/2), ceil(w/2), 2c] or None, every layer's output [b, h*w,
-  c])``. Parameters:
+  c], every layer's (auxiliary losses, MoE statistics) as ``Block`` returns
+  them)``. Parameters:
   ``layer_{i}`` (the shared ``Block``'s, with ``attention_bias`` from the
   position-bias hook) and the merging's ``reduction`` (``[4c, 2c]``, no bias)
   and ``norm``.
@@ -322,7 +343,7 @@ class SwinStage(nn.Module):
     bb = cfg.stage_backbone(self.stage)
     total = sum(cfg.depths)
     b, h, w, c = x.shape
-    layers = []
+    layers, layer_aux = [], []
     block_cls = Block if bb.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[bb.remat])
     for i in range(cfg.depths[self.stage]):
       window, shift = W.stage_window((h, w), cfg.window_size, cfg.window_size // 2 if i % 2 else 0)
@@ -353,15 +374,18 @@ class SwinStage(nn.Module):
         hook = functools.partial(RelativePositionBias, window=window)
       layer = first_layer + i
       rate = bb.stochastic_depth * layer / max(total - 1, 1)
-      tokens, _ = block_cls(bb, train=self.train, layer_bias=hook, name=f"layer_{i}")(
-          tokens, jnp.int32(layer), jnp.float32(rate), None, block_inputs(**inputs))
+      tokens, (_, _, losses, stats) = block_cls(
+          bb, train=self.train, layer_bias=hook, moe_layer=bb.moe.is_moe_layer(layer),
+          name=f"layer_{i}")(tokens, jnp.int32(layer), jnp.float32(rate), None,
+                             block_inputs(**inputs))
+      layer_aux.append((losses, stats))
       grid = W.window_merge(tokens, window, (hp, wp))
       if shift:
         grid = jnp.roll(grid, (shift, shift), axis=(1, 2))
       x = grid[:, :h, :w]
       layers.append(x.reshape(b, h * w, c))
     if not self.merge:
-      return x, None, layers
+      return x, None, layers, layer_aux
     merged = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     # 2x2 neighbours concatenated as (0, 0), (1, 0), (0, 1), (1, 1): the reference order.
     merged = jnp.concatenate([merged[:, 0::2, 0::2], merged[:, 1::2, 0::2],
@@ -376,7 +400,7 @@ class SwinStage(nn.Module):
       merged = reduction(with_norm()(merged))
     else:
       merged = with_norm()(reduction(merged))
-    return x, merged, layers
+    return x, merged, layers, layer_aux
 
 
 class SwinEncoder(nn.Module):
@@ -394,7 +418,10 @@ class SwinEncoder(nn.Module):
   c_s]``: Hugging Face's ``hidden_states``), ``stages`` (each stage's output
   before merging), ``grids`` (their ``(h, w)``), ``encoded`` =
   ``patch_tokens`` (final tokens after the norm, ``[b, n, width]``) and
-  ``pooled``.
+  ``pooled``. Like the ``Transformer``'s, it holds the layers' auxiliary
+  losses (an MoE backbone's balance and z-losses) as ``losses`` (summed over
+  every stage's layers; the engine minimizes them) and ``layer_losses``
+  (``[layers]``), and with experts ``moe`` and ``metrics``.
   """
   config: SwinConfig
 
@@ -430,12 +457,14 @@ class SwinEncoder(nn.Module):
       x = x + pos.astype(x.dtype)[None]
     aux = {"embedded": x, "hidden_states": [x], "stages": [], "grids": [], "layers": []}
     grid = x.reshape(b, gh, gw, bb.width)
-    first = 0
+    first, layer_aux = 0, []
     for s in range(cfg.num_stages):
       merge = s + 1 < cfg.num_stages
-      out, merged, layers = SwinStage(cfg, s, merge, train, name=f"stage_{s}")(grid, first)
+      out, merged, layers, stage_aux = SwinStage(cfg, s, merge, train, name=f"stage_{s}")(
+          grid, first)
       first += cfg.depths[s]
       aux["layers"] += layers
+      layer_aux += stage_aux
       aux["stages"].append(out.reshape(b, -1, out.shape[-1]))
       aux["grids"].append(out.shape[1:3])
       grid = merged if merge else out
@@ -444,6 +473,7 @@ class SwinEncoder(nn.Module):
         grid.reshape(b, -1, grid.shape[-1]))
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(tokens.dtype)
     aux.update(encoded=tokens, patch_tokens=tokens, pooled=pooled)
+    aux.update(_layer_aux(bb, layer_aux))
     if not return_layers:
       del aux["layers"]
     return pooled, aux
