@@ -336,7 +336,7 @@ def test_post_update_trainable_and_evaluation_are_per_member(tmp_path):
 def test_unified_digits_recipe_is_registered_and_compiles_on_a_2x2x2_mesh(tmp_path):
   assert "unified-digits" in recipes.describe()
   cfg = recipes.get("unified-digits")
-  assert [m.name for m in cfg.task.members] == ["gpt", "mae", "clip"]
+  assert [m.name for m in cfg.task.members] == ["gpt", "mae", "clip", "caption"]
   cfg = dataclasses.replace(cfg, mesh=MeshConfig(2, 2, 2))
   trainer = loop.Trainer(cfg, str(tmp_path))
   assert list(trainer.abstract_state.params["shared"]) == ["backbone"]
@@ -348,7 +348,7 @@ def test_member_settings_are_overridable_by_name_and_round_trip_through_json():
   cfg = recipes.get("unified-digits")
   cfg = config_lib.override(cfg, {"seq_length": "64", "task.members.mae.per_row": "4",
                                   "task.members.clip.weight": "0.5", "width": "64"})
-  gpt, mae, clip = cfg.task.members
+  gpt, mae, clip, _ = cfg.task.members
   assert gpt.task.seq_length == 64 and mae.per_row == 4 and clip.weight == 0.5
   assert gpt.per_row == 1 and clip.per_row == 16  # untouched
   # A backbone field sets every member's backbone: the shared shapes stay equal.

@@ -1,4 +1,4 @@
-"""One backbone trained at once on GPT (pydoc_text), MAE (digits) and CLIP (digit_captions).
+"""One backbone trained at once on GPT (pydoc_text), MAE (digits), CLIP and captioning (digit_captions).
 
 The unified-pretraining recipe: a ``MixtureTask`` whose members are GPT
 over Python's docs (byte-level BPE, 1024 ids), MAE over the 8x8 digits
@@ -7,13 +7,17 @@ Transformer backbone (width 128, depth 4, 4 heads) is stored once under
 ``params["shared"]["backbone"]``; GPT's embedding, MAE's stem / decoder /
 pixel head and CLIP's image stem, text stem and projections are each
 member's own. CLIP's image and text towers both run on the shared backbone.
-Every step sums the three members' losses (``mode="all"``, weights 1) over
-their own batches: 8 GPT rows of 128 tokens, 64 MAE images, 128 CLIP pairs
-per step (``per_row`` 1 / 8 / 16 times ``train.batch_size=8``).
+The fourth member, ``caption``, is the single-stream fusion model
+(``tasks.fusion``: [4 patches of 4x4, caption in a learned BPE] through the
+same shared backbone, prefix-LM captioning + hard-negative matching + masked
+multimodal modeling). Every step sums the four members' losses
+(``mode="all"``, weights 1) over their own batches: 8 GPT rows of 128
+tokens, 64 MAE images, 128 CLIP pairs and 64 captioned images per step
+(``per_row`` 1 / 8 / 16 / 8 times ``train.batch_size=8``).
 
 Evaluation is per member: ``eval/gpt/bits_per_byte``,
-``eval/mae/linear_probe_accuracy``, ``eval/clip/zero_shot_accuracy``, ...
-A captioning member is one more ``MemberConfig`` in ``members()``.
+``eval/mae/linear_probe_accuracy``, ``eval/clip/zero_shot_accuracy``,
+``eval/caption/caption_accuracy``, ...
 
 A full run is not yet measured; the headline is only reported (``TARGET``
 None). Each member's single-task recipe (gpt-pydoc, mae-digits, clip-digits)
@@ -24,10 +28,12 @@ is the baseline to compare with.
 
 from datong.backbone import TransformerConfig
 from datong.multimodal.clip import ClipConfig
+from datong.multimodal.fusion import FusionConfig
 from datong.train.config import OptimizerConfig, RunConfig, TrainConfig
 from datong.train.datasets import ZERO_SHOT_TEMPLATES
 from datong.train.recipes.clip_digits import digit_classes
 from datong.train.tasks.clip import ClipTaskConfig
+from datong.train.tasks.fusion import FusionTaskConfig
 from datong.train.tasks.images import ImageData
 from datong.train.tasks.mixture import MemberConfig, MixtureTaskConfig
 from datong.train.tasks.probes import ProbeConfig
@@ -44,9 +50,10 @@ TARGET = None  # not yet measured
 
 def members(backbone: TransformerConfig, *, seq_length: int = 128, tokenizer: str = "bpe:1024",
             vocab_size: int = 1024, upsample: int = 4, decoder: TransformerConfig = None,
-            embed_dim: int = 64, per_row=(1, 8, 16), probe: ProbeConfig = ProbeConfig(),
-            png_examples: int = 8) -> tuple:
-  """GPT, MAE and CLIP members whose backbones all have ``backbone``'s shape."""
+            embed_dim: int = 64, per_row=(1, 8, 16, 8), probe: ProbeConfig = ProbeConfig(),
+            png_examples: int = 8, caption: bool = False) -> tuple:
+  """GPT, MAE and CLIP members (and with ``caption`` the fusion captioner)
+  whose backbones all have ``backbone``'s shape."""
   decoder = decoder or TransformerConfig(width=64, depth=4, heads=2, mlp_dim=128)
   size = (8 * upsample, 8 * upsample)
   gpt = GPTTaskConfig(model=TextConfig(backbone=backbone, vocab_size=vocab_size, positions="rope",
@@ -67,15 +74,25 @@ def members(backbone: TransformerConfig, *, seq_length: int = 128, tokenizer: st
                                         scale=0.1),
                         class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES,
                         word_dropout=0.05, noise_words=0.5)
-  return (MemberConfig("gpt", gpt, per_row=per_row[0]),
-          MemberConfig("mae", mae, per_row=per_row[1]),
-          MemberConfig("clip", clip, per_row=per_row[2]))
+  out = (MemberConfig("gpt", gpt, per_row=per_row[0]),
+         MemberConfig("mae", mae, per_row=per_row[1]),
+         MemberConfig("clip", clip, per_row=per_row[2]))
+  if not caption:
+    return out
+  fusion = FusionTaskConfig(
+      model=FusionConfig(backbone, vocab_size=512, max_text_length=24, image_size=(8, 8),
+                         patch_size=(4, 4), channels=1),
+      image=ImageData(dataset="digit_captions", shift=1.0, rotate=10.0, scale=0.1),
+      tokenizer="bpe:512", class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES,
+      word_dropout=0.05, sample_captions=16 if png_examples else 0)
+  return out + (MemberConfig("caption", fusion, per_row=per_row[3]),)
 
 
 def config() -> RunConfig:
   backbone = TransformerConfig(width=128, depth=4, heads=4, mlp_dim=512)
   return RunConfig(
-      task=MixtureTaskConfig(members=members(backbone, probe=ProbeConfig(train_views=4))),
+      task=MixtureTaskConfig(members=members(backbone, probe=ProbeConfig(train_views=4),
+                                             caption=True)),
       train=TrainConfig(steps=1000, batch_size=8, log_every=50, eval_every=0,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=50,
