@@ -330,6 +330,17 @@ class Checkpointer:
       self.manager.close()
 
 
+def stored_run_config(workdir: str) -> Optional[dict]:
+  """The run config (JSON) stored with a run's latest checkpoint; None when
+  the workdir has no readable checkpoint with settings in it."""
+  ck = Checkpointer(workdir, keep=None)
+  try:
+    step = ck.manager.latest_step()
+    return ck.run_config(step) if step is not None else None
+  finally:
+    ck.manager.close()
+
+
 def load_params(workdir: str, step: Optional[int] = None):
   """The ``params`` of a run's checkpoint as host numpy arrays (for fine-tuning).
 

@@ -66,13 +66,8 @@ def stored_task(workdir: str):
   """The task config stored with a run's latest checkpoint (a warm-started
   task unwrapped)."""
   from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from datong.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  ck = Checkpointer(workdir, keep=None)
-  try:
-    step = ck.manager.latest_step()
-    stored = ck.run_config(step) if step is not None else None
-  finally:
-    ck.manager.close()
+  from datong.train.checkpoint import stored_run_config  # pylint: disable=import-outside-toplevel
+  stored = stored_run_config(workdir)
   if not stored:
     raise ValueError(f"teacher {workdir!r}: no readable checkpoint with settings in it.")
   task = getattr(config_lib.from_json(stored), "task", None)

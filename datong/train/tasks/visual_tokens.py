@@ -198,16 +198,11 @@ def check_tokenizer(tok: VQVAEConfig, model: BEiTConfig) -> None:
 def tokenizer_of_run(workdir: str) -> VQVAEConfig:
   """The ``VQVAEConfig`` stored with a ``vqvae`` run's latest checkpoint."""
   from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from datong.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from datong.train.checkpoint import stored_run_config  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"tokenizer_path {workdir!r} is no run's workdir (no checkpoints/); give "
                      "tokenizer_model with a params .msgpack instead.")
-  ck = Checkpointer(workdir, keep=None)
-  try:
-    step = ck.manager.latest_step()
-    stored = ck.run_config(step) if step is not None else None
-  finally:
-    ck.manager.close()
+  stored = stored_run_config(workdir)
   task = getattr(config_lib.from_json(stored), "task", None) if stored else None
   if not isinstance(task, VQVAETaskConfig):
     raise ValueError(f"tokenizer_path {workdir!r}: its stored run is not a vqvae run "
