@@ -82,3 +82,14 @@ def test_bert_objective_predicts_masked_pixels_of_real_digits():
   assert float(jax.tree.reduce(lambda a, g: a + jnp.abs(g).sum(), grads, 0.0)) > 0
   with pytest.raises(ValueError, match="causal"):
     igpt.sample_images(cfg, params, task.palette, jax.random.PRNGKey(0), 1)
+
+
+def test_layer_features_mean_or_every_pixel_in_raster_order():
+  layers = jnp.arange(2 * 3 * 5 * 4, dtype=jnp.float32).reshape(2, 3, 5, 4)  # [depth, b, n, w]
+  np.testing.assert_allclose(igpt.layer_features(layers), np.asarray(layers).mean(2))
+  tokens = np.asarray(igpt.layer_features(layers, "tokens"))
+  assert tokens.shape == (2, 3, 16)  # the start token dropped: 4 pixels x width 4
+  np.testing.assert_array_equal(tokens[1, 2], np.asarray(layers)[1, 2, 1:].reshape(-1))
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="tokens"):
+    igpt.layer_features(layers, "cls")

@@ -103,10 +103,18 @@ def igpt_inputs(ids, config: IGPTConfig):
   return jnp.concatenate([start, ids[:, :-1].astype(jnp.int32)], axis=1)
 
 
-def layer_features(layers):
-  """``[depth, b, n, width]`` block outputs -> ``[depth, b, width]``: each
-  layer's mean over positions (iGPT's probe features)."""
-  return jnp.mean(layers.astype(jnp.float32), axis=2)
+def layer_features(layers, how: str = "mean"):
+  """``[depth, b, n, width]`` block outputs -> per-layer probe features:
+  ``"mean"``, each layer's mean over positions ``[depth, b, width]``
+  (iGPT's); ``"tokens"``, the layer's hidden states at the pixel positions
+  (the start token dropped), flattened in raster order ``[depth, b, (n - 1)
+  * width]``: a probe that keeps the spatial map."""
+  layers = layers.astype(jnp.float32)
+  if how == "mean":
+    return jnp.mean(layers, axis=2)
+  if how == "tokens":
+    return layers[:, :, 1:].reshape(layers.shape[0], layers.shape[1], -1)
+  raise ValueError(f"layer_features: how={how!r}; use 'mean' or 'tokens'.")
 
 
 def sample_images(config: IGPTConfig, params, palette, rng, count: int, *,

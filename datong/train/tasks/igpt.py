@@ -8,8 +8,9 @@ The palette is fit when the task is built (k-means on the pixels of
 from its train split); images become ids inside the loss. ``evaluate``
 reports ``eval/bits_per_pixel`` (``eval/mlm_loss`` with the BERT objective)
 on the test split, the per-layer probe
-(``eval/layer{l}_linear_probe_accuracy`` and k-NN, features = the layer's
-mean over positions), the best layer's accuracy as
+(``eval/layer{l}_linear_probe_accuracy`` and k-NN; features: the layer's
+mean over positions with ``probe.features="pooled"``, its hidden states at
+every pixel, flattened, with ``"tokens"``), the best layer's accuracy as
 ``eval/linear_probe_accuracy`` with ``eval/best_layer`` (1-based), and
 writes ``igpt_samples_step{N}.png`` (KV-cache samples).
 """
@@ -57,6 +58,11 @@ class IGPTTask(Task):
     self.data = config.data
     self.dataset = config.data.dataset
     self.model = config.model.make()
+    if config.probe.features not in ("pooled", "tokens"):
+      raise ValueError(f"IGPTTaskConfig.probe.features={config.probe.features!r}: iGPT probes "
+                       "'pooled' (each layer's mean over positions) or 'tokens' (the layer's "
+                       "hidden states at every pixel, flattened).")
+    self.probe_features = "mean" if config.probe.features == "pooled" else "tokens"
     pixels = training_images(self, config.palette_images)
     if pixels.shape[1:3] != config.model.image_size or pixels.shape[-1] != config.model.channels:
       raise ValueError(f"IGPTTaskConfig: the data gives images {pixels.shape[1:]}; the model "
@@ -128,7 +134,7 @@ class IGPTTask(Task):
 
     def features(p, images):
       _, _, aux, _ = self._apply(p, images, return_layers=True)
-      per_layer = igpt.layer_features(aux["layers"])
+      per_layer = igpt.layer_features(aux["layers"], self.probe_features)
       return {f"layer{l + 1}_": per_layer[l] for l in range(per_layer.shape[0])}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,
