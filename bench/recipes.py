@@ -15,6 +15,11 @@ recipe: its headline metric (``METRIC`` in the recipe module) against its
 recipes in the table between ``<!-- recipes:begin -->`` and
 ``<!-- recipes:end -->`` and keeps the others.
 
+A recipe with ``REQUIRES`` (``{setting: recipe}``, e.g. BEiT's tokenizer)
+first gets the recipe it needs run into the same workroot (once, with its
+own row), and ``--set setting=<that workdir>``; its own wall time excludes
+that run.
+
 ``--losses N`` runs each recipe for its first N steps only (its own schedule,
 ``train.log_every=1``, no evaluation) and saves the per-step train losses and
 the workdirs (their step-N checkpoints let a later commit prove it resumes
@@ -56,8 +61,8 @@ def commit() -> str:
 def recipe_info() -> dict:
   """Recipe name -> (metric, target) read from the recipe modules."""
   code = ("import json; from datong.train import recipes\n"
-          "print(json.dumps({n: [getattr(m, 'METRIC', ''), getattr(m, 'TARGET', None)] "
-          "for n, m in recipes._modules().items()}))")
+          "print(json.dumps({n: [getattr(m, 'METRIC', ''), getattr(m, 'TARGET', None), "
+          "getattr(m, 'REQUIRES', {})] for n, m in recipes._modules().items()}))")
   out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
                        check=True, cwd=REPO).stdout
   return {k: tuple(v) for k, v in json.loads(out).items()}
@@ -102,7 +107,7 @@ def run_recipe(name: str, workroot: str, info: tuple, overrides: list[str]) -> d
   load_end = os.getloadavg()[0]
   if rc != 0:
     raise RuntimeError(f"{name} exited {rc}; see {os.path.join(workroot, name + '.log')}")
-  metric, target = info
+  metric, target = info[:2]
   evals = [r for r in _metrics(workdir) if metric in r]
   value = evals[-1][metric]
   shown = " ".join(["datong train", name, "--workdir", workdir, "--no-progress"]
@@ -210,7 +215,13 @@ def main(argv=None) -> int:
       print(f"{name}: {len(results[name]['losses'])} losses in {_clock(results[name]['wall'])}",
             flush=True)
     else:
-      results[name] = run_recipe(name, workroot, info[name], args.overrides)
+      needs = []
+      for setting, needed in info[name][2].items():
+        if needed not in results:  # the run it reads, once per workroot
+          results[needed] = run_recipe(needed, workroot, info[needed], args.overrides)
+          print(row(results[needed]), flush=True)
+        needs.append(f"{setting}={os.path.join(workroot, needed)}")
+      results[name] = run_recipe(name, workroot, info[name], args.overrides + needs)
       print(row(results[name]), flush=True)
     if args.out:  # after every recipe, so a long run leaves what it finished
       with open(args.out, "w", encoding="utf-8") as f:

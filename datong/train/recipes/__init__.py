@@ -4,7 +4,11 @@ Each module in this package defines ``NAME`` (e.g. ``"gpt-pydoc"``) and
 ``config() -> datong.train.config.RunConfig``, and ``METRIC`` (its headline
 ``eval/...`` metric) with ``TARGET`` (``(">=" | "<", bound)``, or None when the
 number is only reported), which ``bench/recipes.py`` checks and records. Its
-docstring states what it trains. Adding a recipe is adding a file here.
+docstring states what it trains. A recipe that reads another run (a BEiT's
+tokenizer, a student's teacher) names it in ``REQUIRES`` (setting -> recipe
+name, e.g. ``{"task.tokenizer_path": "vqvae-digits"}``): run that recipe
+first and pass its workdir as the setting (``bench/recipes.py`` does).
+Adding a recipe is adding a file here.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ def _modules() -> dict[str, ModuleType]:
 
 def names() -> list[str]:
   return sorted(_modules())
+
+
+def requires(name: str) -> dict[str, str]:
+  """``{setting: recipe}``: the runs recipe ``name`` reads, by the setting
+  that takes the run's workdir (empty when it needs none)."""
+  modules = _modules()
+  if name not in modules:
+    raise ValueError(f"unknown recipe {name!r}; known: {sorted(modules)}")
+  return dict(getattr(modules[name], "REQUIRES", {}))
 
 
 def describe() -> dict[str, str]:

@@ -138,7 +138,8 @@ class IGPTTask(Task):
       return {f"layer{l + 1}_": per_layer[l] for l in range(per_layer.shape[0])}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,
-                            self.train_split, self.eval_split)
+                            self.train_split, self.eval_split,
+                            jax.jit(self.data.augment) if self.data.augments else None)
     depth = self.config.model.backbone.depth
     curve = [metrics[f"eval/layer{l}_linear_probe_accuracy"] for l in range(1, depth + 1)]
     best = int(np.argmax(curve))

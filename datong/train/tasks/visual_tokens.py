@@ -165,10 +165,6 @@ class BEiTTaskConfig:
   def __post_init__(self):
     if self.tokenizer not in TOKENIZERS:
       raise ValueError(f"BEiTTaskConfig.tokenizer={self.tokenizer!r}: choose one of {TOKENIZERS}.")
-    if self.tokenizer == "vqvae" and not self.tokenizer_path:
-      raise ValueError("BEiTTaskConfig.tokenizer='vqvae' needs tokenizer_path: a vqvae run's "
-                       "workdir (its VQVAEConfig is read from there) or a params .msgpack "
-                       "together with tokenizer_model.")
     if self.tokenizer_model is not None:
       check_tokenizer(self.tokenizer_model, self.model)
     if self.tokenizer == "feature":
@@ -222,6 +218,13 @@ class BEiTTask(_MIMTask):
       patches = patches.reshape(-1, patches.shape[-1])
       self.centroids, _ = vq.kmeans(jax.random.PRNGKey(0), patches, config.model.vocab_size)
     elif config.tokenizer == "vqvae":
+      if not config.tokenizer_path:  # checked here, not in the config: recipes name it later
+        raise ValueError(
+            "BEiTTaskConfig.tokenizer='vqvae' needs tokenizer_path: a vqvae run's workdir (its "
+            "VQVAEConfig is read from there) or a params .msgpack with tokenizer_model. Train "
+            "one first (`datong train vqvae-digits --workdir W`, about a minute), then "
+            "`--set task.tokenizer_path=W`; or `--set task.tokenizer=kmeans`, which needs no "
+            "other run.")
       tok = config.tokenizer_model or tokenizer_of_run(config.tokenizer_path)
       check_tokenizer(tok, config.model)
       params = warmstart.load_pretrained(config.tokenizer_path)
