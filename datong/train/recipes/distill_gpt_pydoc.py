@@ -16,7 +16,6 @@ CE(targets)`` at ``T = 1`` over every real position. Reports the student's
 
 import dataclasses
 
-from datong.backbone import TransformerConfig
 from datong.train.config import RunConfig
 from datong.train.recipes import gpt_pydoc
 from datong.train.tasks.distill import LogitDistillConfig
