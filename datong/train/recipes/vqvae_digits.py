@@ -9,8 +9,8 @@ width-64 depth-2 decoder to pixels; loss = pixel MSE + 0.25 x commitment
 share of the assignments falls below 3% of the uniform share restarts at a
 random encoder output of the batch (both in the train step:
 ``Task.post_update``). At 150 steps this beat the codebook-loss update
-(test recon MSE 0.0587 vs 0.0649, codebook usage 0.81 vs 0.72; commit
-``git log -1 -- datong/train/recipes/vqvae_digits.py``). Reports ``eval/recon_mse`` (pixels in
+(test recon MSE 0.0587 vs 0.0649, codebook usage 0.81 vs 0.72;
+BENCHMARKS.md, issue #20). Reports ``eval/recon_mse`` (pixels in
 [-1, 1]), ``eval/codebook_usage`` and ``eval/perplexity`` on the test split,
 and a PNG of reconstructions. Its workdir is a BEiT tokenizer
 (``BEiTTaskConfig(tokenizer="vqvae", tokenizer_path=WORKDIR, ...)``).
