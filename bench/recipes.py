@@ -17,8 +17,8 @@ recipes in the table between ``<!-- recipes:begin -->`` and
 
 A recipe with ``REQUIRES`` (``{setting: recipe}``, e.g. BEiT's tokenizer)
 first gets the recipe it needs run into the same workroot (once, with its
-own row), and ``--set setting=<that workdir>``; its own wall time excludes
-that run.
+own row; a finished run already there is read, not run again), and ``--set
+setting=<that workdir>``; its own wall time excludes that run.
 
 ``--losses N`` runs each recipe for its first N steps only (its own schedule,
 ``train.log_every=1``, no evaluation) and saves the per-step train losses and
@@ -114,6 +114,15 @@ def run_recipe(name: str, workroot: str, info: tuple, overrides: list[str]) -> d
                    + [f"--set {o}" for o in overrides])
   return dict(recipe=name, metric=metric, value=value, target=target, wall=wall, cpu=cpu,
               load=(load_start, load_end), commit=commit(), command=shown)
+
+
+def finished(workdir: str, metric: str) -> bool:
+  """Whether ``workdir`` holds a finished run (its metric evaluated): a
+  required run already in the workroot is read, not run again."""
+  try:
+    return any(metric in r for r in _metrics(workdir))
+  except FileNotFoundError:
+    return False
 
 
 def row(r: dict) -> str:
@@ -217,7 +226,8 @@ def main(argv=None) -> int:
     else:
       needs = []
       for setting, needed in info[name][2].items():
-        if needed not in results:  # the run it reads, once per workroot
+        if needed not in results and not finished(os.path.join(workroot, needed),
+                                                  info[needed][0]):
           results[needed] = run_recipe(needed, workroot, info[needed], args.overrides)
           print(row(results[needed]), flush=True)
         needs.append(f"{setting}={os.path.join(workroot, needed)}")

@@ -20,6 +20,19 @@ def test_all_issue_recipes_are_registered_with_documented_expectations():
     assert described[name], f"{name} has no docstring"
 
 
+def test_required_runs_name_known_recipes_and_real_settings():
+  """``REQUIRES`` (what bench/recipes.py runs first) points at recipes that
+  exist, through settings the recipe's config has."""
+  described = recipes.describe()
+  needing = {n: recipes.requires(n) for n in described if recipes.requires(n)}
+  assert {"beit-digits", "distill-vit-digits", "distill-gpt-pydoc", "fd-clip-digits"} <= set(needing)
+  for name, needs in needing.items():
+    for setting, needed in needs.items():
+      assert needed in described, (name, needed)
+      cfg = config_lib.override(recipes.get(name), {setting: "/tmp/some-run"})
+      assert config_lib.get_field(cfg, setting) == "/tmp/some-run", (name, setting)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_compiles_on_a_2x2x2_mesh(name, tmp_path):
   cfg = config_lib.override(recipes.get(name), {"mesh.data": "2", "mesh.fsdp": "2",

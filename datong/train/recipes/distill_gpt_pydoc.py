@@ -23,6 +23,7 @@ from datong.train.tasks.distill import LogitDistillConfig
 NAME = "distill-gpt-pydoc"
 METRIC = "eval/bits_per_byte"
 TARGET = None  # not yet measured
+REQUIRES = {"task.teacher": "gpt-pydoc"}
 
 
 def config() -> RunConfig:

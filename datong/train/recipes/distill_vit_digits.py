@@ -28,6 +28,7 @@ from datong.train.tasks.distill import LogitDistillConfig
 NAME = "distill-vit-digits"
 METRIC = "eval/accuracy"
 TARGET = None  # not yet measured
+REQUIRES = {"task.teacher": "vit-digits"}
 
 
 def config() -> RunConfig:

@@ -30,6 +30,7 @@ from datong.unimodal.vision import ViTConfig
 NAME = "fd-clip-digits"
 METRIC = "eval/linear_probe_accuracy"
 TARGET = None  # not yet measured
+REQUIRES = {"task.teacher": "clip-digits"}
 
 
 def config() -> RunConfig:
