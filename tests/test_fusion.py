@@ -160,7 +160,7 @@ def test_fusion_recipe_trains_and_evaluates_end_to_end(tmp_path):
       "train.steps": "3", "train.batch_size": "16", "train.log_every": "1",
       "task.model.backbone.depth": "1", "task.model.backbone.width": "32",
       "task.model.backbone.mlp_dim": "64", "mesh.data": "2", "mesh.fsdp": "2",
-      "mesh.tensor": "2"})
+      "mesh.tensor": "2", "task.match_weight": "1", "task.masked_weight": "1"})
   result = loop.train(cfg, str(tmp_path), progress=False)
   m = result.metrics
   for key in ("eval/zero_shot_accuracy", "eval/match_zero_shot_accuracy", "eval/caption_accuracy"):

@@ -9,8 +9,8 @@ pixel head and CLIP's image stem, text stem and projections are each
 member's own. CLIP's image and text towers both run on the shared backbone.
 The fourth member, ``caption``, is the single-stream fusion model
 (``tasks.fusion``: [4 patches of 4x4, caption in a learned BPE] through the
-same shared backbone, prefix-LM captioning + hard-negative matching + masked
-multimodal modeling). Every step sums the four members' losses
+same shared backbone, prefix-LM captioning alone, as ``fusion-digits``,
+whose runs found matching and masked modeling no help). Every step sums the four members' losses
 (``mode="all"``, weights 1) over their own batches: 8 GPT rows of 128
 tokens, 64 MAE images, 128 CLIP pairs and 64 captioned images per step
 (``per_row`` 1 / 8 / 16 / 8 times ``train.batch_size=8``).
@@ -84,7 +84,8 @@ def members(backbone: TransformerConfig, *, seq_length: int = 128, tokenizer: st
                          patch_size=(4, 4), channels=1),
       image=ImageData(dataset="digit_captions", shift=1.0, rotate=10.0, scale=0.1),
       tokenizer="bpe:512", class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES,
-      word_dropout=0.05, sample_captions=16 if png_examples else 0)
+      match_weight=0.0, masked_weight=0.0,  # as fusion-digits: captioning alone
+      sample_captions=16 if png_examples else 0)
   return out + (MemberConfig("caption", fusion, per_row=per_row[3]),)
 
 
