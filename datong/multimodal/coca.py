@@ -368,7 +368,7 @@ def coca_loss(config: CocaConfig, outputs, ids, text_valid, *, contrastive_weigh
   con, metrics = contrastive_loss(config, outputs["image_emb"], outputs["text_emb"],
                                   outputs["scale"], outputs["bias"], chunk_size=chunk_size,
                                   mask=mask)
-  valid = text_valid if mask is None else text_valid & mask[:, None]
+  valid = text_valid if mask is None else text_valid & jnp.asarray(mask, bool)[:, None]
   cap, cap_acc = next_token_loss(outputs["text_logits"], ids, valid)
   metrics = {**metrics, "contrastive_loss": con, "caption_loss": cap,
              "caption_token_accuracy": cap_acc, "scale": outputs["scale"]}
