@@ -169,8 +169,8 @@ def test_coca_recipe_trains_and_evaluates_end_to_end(tmp_path):
     assert 0.0 <= m[key] <= 1.0, key
   assert m["eval/caption_loss"] > 0 and np.isfinite(m["train/loss"])
   assert {"train/contrastive_loss", "train/caption_loss"} <= set(m)
-  lines = open(tmp_path / "captions_step2.txt").read().splitlines()
-  assert lines[0].startswith("label") and len(lines) == 17
+  text = open(tmp_path / "captions_step2.txt").read()  # an untrained caption may hold a newline
+  assert text.startswith("label") and text.count("\tok\t") + text.count("\tWRONG\t") == 16
 
 
 def test_notebook_caption_decodes_a_coca_with_the_cached_generation():
