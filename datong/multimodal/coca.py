@@ -156,7 +156,9 @@ class CocaConfig:
     uni, multi = self.unimodal_backbone, self.multimodal_backbone
     m, n, wi = self.context_length, self.image.num_tokens, self.image.width
     cross = 6.0 * multi.depth * (2 * t * w * w + 2 * m * w * w + 2 * t * m * w)
-    pools = 6.0 * (n * wi * w * 2 + (1 + self.caption_queries) * n * w)
+    attend = lambda queries: 6.0 * (2 * n * wi * w + 2 * queries * n * w + queries * w * w)
+    pools = ((attend(1) if self.image_pool == "attention" else 0.0)
+             + (attend(self.caption_queries) if self.caption_queries else 6.0 * n * wi * w))
     heads = 6.0 * (t * w * self.text.vocab_size + (w + wi) * self.embed_dim)
     return float(self.image.flops_per_example() + (t + 1) * uni.flops_per_token(t + 1)
                  + t * multi.flops_per_token(t) + cross + pools + heads)

@@ -17,13 +17,14 @@ Headline: ``eval/zero_shot_accuracy`` (CLIP's prompt ensemble of unseen
 also ``eval/caption_accuracy`` (greedy cached captions that name the right
 digit and no other), target >= 0.95 too, and class-level retrieval recall.
 
-Measured (these settings, 1000 steps, 2-core CPU shared with other jobs,
-load average 13-14, two runs at once): zero-shot **0.9583**, caption
-accuracy **0.9556**, i2t / t2i recall@1 0.958 / 0.986, in 13m50s wall
-(3m39s user + 1m07s sys CPU). With attentional pooling of the 4 image
-tokens (``image_pool="attention"``) and caption weight 2 instead: 0.9417 /
-0.9389 (1000 steps, 6m39s wall, load 7-12); mean pooling with caption
-weight 2: 0.9444 / 0.9389.
+Measured (``datong train coca-digits --workdir /tmp/coca-runs/e
+--no-progress``, 1000 steps, 2-core CPU shared with other jobs, load
+average 8.5 -> 7.4): zero-shot **0.9583**, caption accuracy **0.9556**,
+i2t / t2i recall@1 0.958 / 0.986, in 7m15s wall (3m46s user + 1m09s sys
+CPU); the same numbers in a run beside another one (load 13-14, 13m50s).
+With attentional pooling of the 4 image tokens (``image_pool="attention"``)
+and caption weight 2: 0.9417 / 0.9389 (6m39s, load 7-12); mean pooling with
+caption weight 2: 0.9444 / 0.9389.
 
     datong train coca-digits --workdir /tmp/coca-digits
 """
