@@ -27,6 +27,7 @@ import numpy as np
 
 from datong.backbone import Transformer, TransformerConfig
 from datong.multimodal.clip import CLIP, ClipConfig
+from datong.multimodal.coca import CoCa, CocaConfig
 from datong.multimodal.fusion import FusionConfig, FusionModel
 from datong.unimodal import masked_image as mim
 from datong.unimodal.beit import BEiT, BEiTConfig, beit_encoder, beit_masking
@@ -116,6 +117,12 @@ def _fusion_inputs(model, batch, seed):
   return images, _ids(rng, batch, cfg.max_text_length, cfg.vocab_size)
 
 
+def _coca_inputs(model, batch, seed):
+  cfg = model.config
+  rng = np.random.default_rng(seed)
+  return _images(cfg.image, batch, seed), _ids(rng, batch, cfg.max_text_length, cfg.vocab_size)
+
+
 def _backbone_inputs(model, batch, seed):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.standard_normal((batch, 16, model.config.width)), jnp.float32),)
@@ -195,6 +202,12 @@ register(ModelKind(
     "fusion", "single-stream image+text model, prefix-LM (datong.multimodal.fusion.FusionModel)",
     FusionModel, FusionConfig,
     lambda bb: FusionConfig(bb, vocab_size=262, max_text_length=32), _fusion_inputs))
+register(ModelKind(
+    "coca", "contrastive captioner: image encoder + unimodal / multimodal text decoder "
+    "(datong.multimodal.coca.CoCa)", CoCa, CocaConfig,
+    lambda bb: CocaConfig(image=ViTConfig(bb), text=TextConfig(
+        backbone=bb.replace(depth=max(2, bb.depth)), positions="learned", max_length=32)),
+    _coca_inputs, encoder_path=("encoder",), encoder_config=lambda c: c.image))
 register(ModelKind(
     "text_encoder", "text encoder, no head, optional BERT pooler "
     "(datong.unimodal.text.TextEncoder)", TextEncoder, TextConfig,

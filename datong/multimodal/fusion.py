@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from datong.backbone import Transformer, TransformerConfig, init_cache
 from datong.ops import masks as mask_ops
 from datong.ops.patches import grid_shape, pair, patchify
-from datong.unimodal.generation import sample_logits
+from datong.unimodal.generation import sample_tokens
 from datong.unimodal.text import TokenEmbedding
 from datong.unimodal.vision import PatchEmbedding
 
@@ -233,26 +233,11 @@ def caption(model: FusionModel, params, images, prompt, rng=None, *, max_new_tok
   cache = init_cache(cfg.backbone, b, n + t0 + max_new_tokens)
   apply = functools.partial(model.apply, {"params": params})
   logits, cache = apply(images, prompt.astype(jnp.int32), cache, method=FusionModel.prefill)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-
-  def body(t, state):
-    cache, logits, out, lengths, done, rng = state
-    rng, key = jax.random.split(rng)
-    if vocab_size:
-      logits = logits[:, :vocab_size]
-    tok = sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    tok = jnp.where(done, pad_id, tok)
-    out = out.at[:, t].set(tok)
-    is_eos = tok == eos_id
-    lengths = lengths + jnp.logical_not(done | is_eos).astype(jnp.int32)
-    done = done | is_eos
-    logits, cache = apply(tok, t0 + t, cache, n + t0 + t, method=FusionModel.decode_step)
-    return cache, logits, out, lengths, done, rng
-
-  state = (cache, logits, out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), rng)
-  state = jax.lax.fori_loop(0, max_new_tokens, body, state)
-  return {"tokens": state[2], "lengths": state[3]}
+  step = lambda tok, t, cache: apply(tok, t0 + t, cache, n + t0 + t,
+                                     method=FusionModel.decode_step)
+  return sample_tokens(step, logits, cache, rng, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                       pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                       vocab_size=vocab_size)
 
 
 def image_patches(images, config: FusionConfig):

@@ -234,15 +234,19 @@ def caption(model: nn.Module, params, images, *, prompt: str = "", max_new_token
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, tokenizer="byte",
             rng=0) -> list[str]:
   """Captions of ``images [n, h, w, c]`` (the task's input range, e.g. from
-  ``examples``) by a single-stream ``FusionModel``: ``<bos> + prompt`` then
-  KV-cache decoding (``datong.multimodal.fusion.caption``; the image is
+  ``examples``) by a captioner, a single-stream ``FusionModel`` or a
+  ``CoCa``: ``<bos> + prompt`` then KV-cache decoding
+  (``datong.multimodal.fusion.caption`` / ``coca.caption``; the image is
   encoded once) until ``<eos>``; greedy unless ``temperature > 0``.
   ``tokenizer``: as in ``generate_text`` (``tokenizer=run`` for a learned
   vocabulary). ``max_new_tokens``: 0 fills the text positions left."""
-  from datong.multimodal.fusion import FusionModel, caption as decode  # pylint: disable=import-outside-toplevel
-  if not isinstance(model, FusionModel):
-    raise TypeError(f"caption: needs a FusionModel (datong.build('fusion', ...) or a "
-                    f"fusion-digits run's model); got {type(model).__name__}.")
+  from datong.multimodal import coca, fusion  # pylint: disable=import-outside-toplevel
+  decoders = {fusion.FusionModel: fusion.caption, coca.CoCa: coca.caption}
+  decode = decoders.get(type(model))
+  if decode is None:
+    raise TypeError(f"caption: needs a FusionModel or a CoCa (datong.build('fusion' | 'coca', "
+                    f"...) or a fusion-digits / coca-digits run's model); got "
+                    f"{type(model).__name__}.")
   tok = tokenizer_of(tokenizer)
   if tok.vocab_size > model.config.vocab_size:
     raise ValueError(f"caption: the tokenizer has {tok.vocab_size} ids but the model's "

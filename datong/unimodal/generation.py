@@ -3,7 +3,8 @@
 ``generate`` runs the whole loop inside one jitted ``lax.while_loop``:
 prompts are left- or right-padded, the cache is filled by one prefill pass,
 then one token per step until ``max_new_tokens`` or every row has emitted
-``eos_id``.
+``eos_id``. ``sample_tokens`` is the per-token loop of any cached decoder
+(the captioners of ``datong.multimodal``: fusion, CoCa).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from datong.backbone import init_cache
 from datong.unimodal.text import GPT
 
-__all__ = ["generate", "sample_logits"]
+__all__ = ["generate", "sample_logits", "sample_tokens"]
 
 def sample_logits(rng, logits, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """One token per row from ``logits [batch, vocab]``; temperature 0 is greedy.
@@ -39,6 +40,42 @@ def sample_logits(rng, logits, *, temperature: float = 0.0, top_k: int = 0, top_
     cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_tokens(step, logits, state, rng=None, *, max_new_tokens: int, eos_id: int,
+                  pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  vocab_size: int = 0):
+  """``max_new_tokens`` tokens from a cached decoder, one per step (call under jit).
+
+  ``logits [b, vocab]``: the prediction for the first new token (after a
+  prefill); ``step(tokens [b], t, state) -> (logits, state)`` feeds new token
+  ``t`` (0-based, traced) and returns the next prediction (``state``: the
+  caches and whatever else the decoder carries). Sampling is
+  ``sample_logits``'; ``vocab_size > 0`` samples only ids below it. A row
+  that emitted ``eos_id`` gets ``pad_id`` after it. Returns ``{"tokens": [b,
+  max_new_tokens], "lengths": [b]}`` (tokens before the EOS).
+  """
+  b = logits.shape[0]
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+
+  def body(t, carry):
+    state, logits, out, lengths, done, rng = carry
+    rng, key = jax.random.split(rng)
+    if vocab_size:
+      logits = logits[:, :vocab_size]
+    tok = sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, t].set(tok)
+    is_eos = tok == eos_id
+    lengths = lengths + jnp.logical_not(done | is_eos).astype(jnp.int32)
+    done = done | is_eos
+    logits, state = step(tok, t, state)
+    return state, logits, out, lengths, done, rng
+
+  carry = (state, logits, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), rng)
+  carry = jax.lax.fori_loop(0, max_new_tokens, body, carry)
+  return {"tokens": carry[2], "lengths": carry[3]}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "padding",

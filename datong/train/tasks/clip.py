@@ -25,7 +25,8 @@ from datong.train.task import EvalContext, Task, path_names, with_aux_losses
 from datong.train.tasks.images import ImageData
 from datong.train.tasks.text import make_tokenizer
 
-__all__ = ["ClipTask", "ClipTaskConfig", "augment_caption"]
+__all__ = ["ClipTask", "ClipTaskConfig", "augment_caption", "class_prompts", "contrastive_metrics",
+           "ensemble_classifier"]
 
 LOCKS = ("", "encoder", "tower")
 
@@ -154,21 +155,10 @@ class ClipTask(Task):
   def zero_shot_classifier(self, params):
     """``[classes, embed_dim]`` from ``class_names`` x ``templates`` (prompt ensemble)."""
     c = self.config
-    names = [(n,) if isinstance(n, str) else tuple(n) for n in c.class_names]
-    per_class = max(len(n) for n in names) * len(c.templates)
-    prompts = []
-    for synonyms in names:
-      row = [t.format(n) for n in synonyms for t in c.templates]
-      prompts.append(row + row[:1] * (per_class - len(row)))  # pad by repeating
-    ids = tokenize([p for row in prompts for p in row], self.tokenizer,
-                   c.model.text.max_length, pool=c.model.text_pool)
+    prompts, per_class, counts = class_prompts(c.class_names, c.templates)
+    ids = tokenize(prompts, self.tokenizer, c.model.text.max_length, pool=c.model.text_pool)
     emb = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="encode_text"))(params, ids)
-    counts = np.array([len(s) * len(c.templates) for s in names])
-    emb = np.asarray(emb).reshape(len(names), per_class, -1)
-    # Average only over each class's real prompts (padding repeats are dropped).
-    keep = np.arange(per_class)[None, :] < counts[:, None]
-    summed = np.einsum("cpd,cp->cd", contrastive.l2_normalize(emb), keep) / counts[:, None]
-    return np.asarray(contrastive.l2_normalize(summed))
+    return ensemble_classifier(emb, per_class, counts)
 
   def embed_split(self, params, ctx: EvalContext, split: str):
     """Host arrays ``image_emb, text_emb, label`` of every example of ``split``."""
@@ -186,19 +176,9 @@ class ClipTask(Task):
     c = self.config
     img, txt, labels = self.embed_split(params, ctx, self.eval_split)
     scale, bias = jax.jit(lambda p: self.model.apply({"params": p}, method="logit_params"))(params)
-    loss, _ = contrastive_loss(c.model, img, txt, scale, bias)
-    metrics = {"eval/loss": float(loss)}
-    # Captions carry the digit but nothing else of the image, so the pair is
-    # only determined up to its label: a retrieved item counts when it shows /
-    # names the query's class. Without labels, only the exact partner counts.
-    keys = labels if np.all(labels >= 0) else None
-    recall = contrastive.retrieval_recall(img, txt, c.retrieval_ks, image_keys=keys,
-                                          text_keys=keys)
-    metrics.update({f"eval/{k}": v for k, v in recall.items()})
-    if c.class_names:
-      logits = contrastive.zero_shot_logits(img, self.zero_shot_classifier(params))
-      metrics["eval/zero_shot_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
-    return metrics
+    classifier = self.zero_shot_classifier(params) if c.class_names else None
+    return contrastive_metrics(c.model, img, txt, labels, scale, bias, ks=c.retrieval_ks,
+                               classifier=classifier)
 
   # --- accounting ---
   def tokens_per_example(self):
@@ -234,6 +214,49 @@ class ClipTask(Task):
       return lock == "encoder" and names[1:2] == ["head"]
 
     return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def class_prompts(class_names, templates) -> tuple[list[str], int, np.ndarray]:
+  """CLIP's prompt ensemble: every template filled with every name of each
+  class (``class_names``: per class a name or a tuple of names). Returns
+  ``(prompts [classes * per_class], per_class, counts [classes])``; a class
+  with fewer prompts is padded by repeating its first."""
+  names = [(n,) if isinstance(n, str) else tuple(n) for n in class_names]
+  rows = [[t.format(n) for n in synonyms for t in templates] for synonyms in names]
+  per_class = max(len(r) for r in rows)
+  prompts = [p for r in rows for p in (r + r[:1] * (per_class - len(r)))]
+  return prompts, per_class, np.array([len(r) for r in rows])
+
+
+def ensemble_classifier(prompt_embeddings, per_class: int, counts) -> np.ndarray:
+  """``[classes, dim]`` zero-shot weights from the embeddings ``[classes *
+  per_class, dim]`` of ``class_prompts``: each class's real prompts averaged
+  (normalized, then renormalized); the padding repeats are dropped."""
+  counts = np.asarray(counts)
+  emb = np.asarray(prompt_embeddings).reshape(len(counts), per_class, -1)
+  keep = np.arange(per_class)[None, :] < counts[:, None]
+  summed = np.einsum("cpd,cp->cd", contrastive.l2_normalize(emb), keep) / counts[:, None]
+  return np.asarray(contrastive.l2_normalize(summed))
+
+
+def contrastive_metrics(loss_config, img, txt, labels, scale, bias, *, ks=(1, 5),
+                        classifier=None) -> dict[str, float]:
+  """Evaluation of paired embeddings ``[n, dim]`` (host): ``eval/loss`` (the
+  configured contrastive loss, ``clip.contrastive_loss``), retrieval recall
+  and, with a zero-shot ``classifier [classes, dim]``,
+  ``eval/zero_shot_accuracy``."""
+  loss, _ = contrastive_loss(loss_config, img, txt, scale, bias)
+  metrics = {"eval/loss": float(loss)}
+  # Captions carry the digit but nothing else of the image, so the pair is
+  # only determined up to its label: a retrieved item counts when it shows /
+  # names the query's class. Without labels, only the exact partner counts.
+  keys = labels if np.all(labels >= 0) else None
+  recall = contrastive.retrieval_recall(img, txt, ks, image_keys=keys, text_keys=keys)
+  metrics.update({f"eval/{k}": v for k, v in recall.items()})
+  if classifier is not None:
+    logits = contrastive.zero_shot_logits(img, classifier)
+    metrics["eval/zero_shot_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
+  return metrics
 
 
 def augment_caption(caption, rng: np.random.Generator, *, word_dropout: float = 0.0,

@@ -91,6 +91,41 @@ def names_digit(text: str, label: int, names: tuple) -> bool:
   return said == {label}
 
 
+def encode_captions(texts, tokenizer, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """``[BOS] text [EOS]`` ids padded to ``length`` (the text truncated so the
+  EOS stays) and their validity (BOS through EOS), ``[n, length]`` each."""
+  ids = tokenize(texts, tokenizer, length - 1)
+  ids = np.concatenate([np.full((len(texts), 1), tokenizer.bos_id, np.int32), ids], 1)
+  valid = np.zeros_like(ids, bool)
+  for row in range(len(texts)):  # BOS + ids up to and including the EOS
+    valid[row, :1 + int(np.argmax(ids[row, 1:] == tokenizer.eos_id)) + 1] = True
+  return ids, valid
+
+
+def score_captions(tokens, lengths, labels, tokenizer, names: tuple, samples: list,
+                   max_samples: int) -> int:
+  """How many generated captions (``tokens [n, max_new]`` host ids, the first
+  ``lengths [n]`` real) name their image's ``labels [n]`` and no other class
+  (``names_digit``); the first ``max_samples`` go to ``samples`` as lines
+  ``label, ok / WRONG, caption``."""
+  correct = 0
+  for row, label in enumerate(labels):
+    text = tokenizer.decode([int(t) for t in tokens[row, :lengths[row]]])
+    ok = names_digit(text, int(label), names)
+    correct += int(ok)
+    if len(samples) < max_samples:
+      samples.append(f"{int(label)}\t{'ok' if ok else 'WRONG'}\t{text}")
+  return correct
+
+
+def write_caption_samples(ctx, samples: list) -> None:
+  """``captions_step<N>.txt`` in the workdir (process 0, when any)."""
+  if ctx.workdir and jax.process_index() == 0 and samples:
+    os.makedirs(ctx.workdir, exist_ok=True)
+    with open(os.path.join(ctx.workdir, f"captions_step{ctx.step}.txt"), "w") as f:
+      f.write("label\tnames it\tgenerated caption\n" + "\n".join(samples) + "\n")
+
+
 class FusionTask(Task):
   """Batches ``{image, text, text_valid, label}``; text is ``[BOS] caption [EOS]``."""
 
@@ -113,14 +148,7 @@ class FusionTask(Task):
 
   def encode_texts(self, texts) -> tuple[np.ndarray, np.ndarray]:
     """``[BOS] text [EOS]`` ids, padded, and their validity, ``[n, T]`` each."""
-    t = self.config.model.max_text_length
-    tok = self.tokenizer
-    ids = tokenize(texts, tok, t - 1)
-    ids = np.concatenate([np.full((len(texts), 1), tok.bos_id, np.int32), ids], 1)
-    valid = np.zeros_like(ids, bool)
-    for row in range(len(texts)):  # BOS + ids up to and including the EOS
-      valid[row, :1 + int(np.argmax(ids[row, 1:] == tok.eos_id)) + 1] = True
-    return ids, valid
+    return encode_captions(texts, self.tokenizer, self.config.model.max_text_length)
 
   def preprocess(self, example, rng, train):
     c = self.config
@@ -246,23 +274,16 @@ class FusionTask(Task):
       prompt = jnp.full((b, prompt_len), tok.bos_id, jnp.int32)
       gen = caption(self.model, params, batch["image"], prompt, max_new_tokens=max_new,
                     eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size)
-      tokens, lengths = ctx.to_host(gen["tokens"])[keep], ctx.to_host(gen["lengths"])[keep]
-      for row, label in enumerate(labels):
-        text = tok.decode([int(t) for t in tokens[row, :lengths[row]]])
-        ok = names_digit(text, int(label), c.caption_names)
-        correct_cap += int(ok)
-        if len(samples) < c.sample_captions:
-          samples.append(f"{int(label)}\t{'ok' if ok else 'WRONG'}\t{text}")
+      correct_cap += score_captions(ctx.to_host(gen["tokens"])[keep],
+                                    ctx.to_host(gen["lengths"])[keep], labels, tok,
+                                    c.caption_names, samples, c.sample_captions)
       total += int(keep.sum())
     metrics["eval/caption_loss"] = cap_sum / max(cap_n, 1.0)
     metrics["eval/caption_accuracy"] = correct_cap / max(total, 1)
     if c.class_names:
       metrics["eval/zero_shot_accuracy"] = correct_ll / max(total, 1)
       metrics["eval/match_zero_shot_accuracy"] = correct_match / max(total, 1)
-    if ctx.workdir and jax.process_index() == 0 and samples:
-      os.makedirs(ctx.workdir, exist_ok=True)
-      with open(os.path.join(ctx.workdir, f"captions_step{ctx.step}.txt"), "w") as f:
-        f.write("label\tnames it\tgenerated caption\n" + "\n".join(samples) + "\n")
+    write_caption_samples(ctx, samples)
     return metrics
 
   # --- accounting ---
