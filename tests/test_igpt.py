@@ -93,3 +93,10 @@ def test_layer_features_mean_or_every_pixel_in_raster_order():
   import pytest  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="tokens"):
     igpt.layer_features(layers, "cls")
+  # pool > 1: position i stands for pixel i (the one it predicts; 0: the start token)
+  big = jnp.arange(2 * 1 * 16 * 3, dtype=jnp.float32).reshape(2, 1, 16, 3)  # a 4x4 grid
+  pixels = np.asarray(big)[:, 0].reshape(2, 4, 4, 3)
+  pooled = np.asarray(igpt.layer_features(big, "tokens", (4, 4), 2))
+  assert pooled.shape == (2, 1, 12)  # 2x2 cells x width 3, in raster order of the cells
+  np.testing.assert_allclose(pooled[1, 0, 3:6], pixels[1, :2, 2:].mean((0, 1)))
+  np.testing.assert_allclose(pooled[0, 0, 6:9], pixels[0, 2:, :2].mean((0, 1)))

@@ -10,7 +10,8 @@ reports ``eval/bits_per_pixel`` (``eval/mlm_loss`` with the BERT objective)
 on the test split, the per-layer probe
 (``eval/layer{l}_linear_probe_accuracy`` and k-NN; features: the layer's
 mean over positions with ``probe.features="pooled"``, its hidden states at
-every pixel, flattened, with ``"tokens"``), the best layer's accuracy as
+every pixel, flattened, with ``"tokens"``, first averaged over cells of
+``probe.token_pool`` squared pixels when > 1), the best layer's accuracy as
 ``eval/linear_probe_accuracy`` with ``eval/best_layer`` (1-based), and
 writes ``igpt_samples_step{N}.png`` (KV-cache samples).
 """
@@ -134,7 +135,8 @@ class IGPTTask(Task):
 
     def features(p, images):
       _, _, aux, _ = self._apply(p, images, return_layers=True)
-      per_layer = igpt.layer_features(aux["layers"], self.probe_features)
+      per_layer = igpt.layer_features(aux["layers"], self.probe_features,
+                                      self.config.model.image_size, self.config.probe.token_pool)
       return {f"layer{l + 1}_": per_layer[l] for l in range(per_layer.shape[0])}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,
