@@ -40,10 +40,15 @@ LN2 = float(np.log(2.0))
 
 @dataclasses.dataclass(frozen=True)
 class IGPTTaskConfig:
-  """iGPT pretraining on ``data``; ``palette_images`` training images fit the palette."""
+  """iGPT pretraining on ``data``; ``palette_images`` training images fit the palette.
+
+  ``train_augment=False``: training sees the images as they are; ``data``'s
+  augmentation then only makes the probe's extra views (``probe.train_views``).
+  """
   model: igpt.IGPTConfig
   data: ImageData = ImageData()
   probe: ProbeConfig = ProbeConfig()
+  train_augment: bool = True
   palette_images: int = 1000
   samples: int = 32  # images in the sample PNG (0: none)
   temperature: float = 1.0
@@ -114,7 +119,8 @@ class IGPTTask(Task):
 
   def loss(self, params, batch, rng, *, train=True):
     aug_rng, drop_rng, mask_rng = jax.random.split(rng, 3)
-    images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
+    augment = train and self.config.train_augment
+    images = self.data.augment(batch["image"], aug_rng) if augment else batch["image"]
     ids, logits, _, selected = self._apply(params, images, train=train,
                                            rng=drop_rng if train else None, mask_rng=mask_rng)
     if selected is not None:
