@@ -93,3 +93,26 @@ def test_layer_features_mean_or_every_pixel_in_raster_order():
   import pytest  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="tokens"):
     igpt.layer_features(layers, "cls")
+  # pool > 1: position i stands for pixel i (the one it predicts; 0: the start token)
+  big = jnp.arange(2 * 1 * 16 * 3, dtype=jnp.float32).reshape(2, 1, 16, 3)  # a 4x4 grid
+  pixels = np.asarray(big)[:, 0].reshape(2, 4, 4, 3)
+  pooled = np.asarray(igpt.layer_features(big, "tokens", (4, 4), 2))
+  assert pooled.shape == (2, 1, 12)  # 2x2 cells x width 3, in raster order of the cells
+  np.testing.assert_allclose(pooled[1, 0, 3:6], pixels[1, :2, 2:].mean((0, 1)))
+  np.testing.assert_allclose(pooled[0, 0, 6:9], pixels[0, 2:, :2].mean((0, 1)))
+
+
+def test_train_augment_false_trains_on_the_images_as_they_are():
+  from datong.train.tasks.igpt import IGPTTaskConfig  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.images import ImageData  # pylint: disable=import-outside-toplevel
+  cfg = igpt.IGPTConfig(TransformerConfig(width=16, depth=2, heads=2, mlp_dim=32), palette_size=8)
+  augmenting = ImageData(shift=1.0, rotate=10.0, scale=0.1)
+  tasks = [IGPTTaskConfig(cfg, data=d, train_augment=a, palette_images=200, samples=0).build()
+           for d, a in ((ImageData(), True), (augmenting, False), (augmenting, True))]
+  source = tasks[0].source("train")
+  batch = {"image": jnp.asarray(np.stack([tasks[0].preprocess(source[i], None, False)["image"]
+                                          for i in range(16)]))}
+  params = nn.unbox(tasks[0].init(jax.random.PRNGKey(0), batch)["params"])
+  plain, kept, augmented = (float(t.loss(params, batch, jax.random.PRNGKey(1))[0]) for t in tasks)
+  assert plain == kept != augmented  # the augmentation is left to the probe's views
+

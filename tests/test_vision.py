@@ -228,6 +228,23 @@ def test_probe_and_knn_on_separable_features():
   assert probes.knn_accuracy(x[:60], y[:60], x[60:], y[60:], k=3) == 1.0
 
 
+def test_token_pool_averages_non_overlapping_cells_of_the_token_grid():
+  from datong.ops.patches import pool_tokens  # pylint: disable=import-outside-toplevel
+  tokens = np.arange(2 * 16 * 3, dtype=np.float32).reshape(2, 16, 3)  # a 4x4 grid, width 3
+  grid = tokens.reshape(2, 4, 4, 3)
+  want = np.stack([grid[:, r:r + 2, c:c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], 1)
+  np.testing.assert_allclose(pool_tokens(jnp.asarray(tokens), (4, 4), 2), want)  # raster cells
+  np.testing.assert_array_equal(pool_tokens(jnp.asarray(tokens), (4, 4), 1), tokens)
+  aux = {"patch_tokens": jnp.asarray(tokens), "encoded": jnp.asarray(tokens), "pooled": None}
+  np.testing.assert_allclose(probes.select_features(aux, "tokens", 2), want.reshape(2, 12))
+  with pytest.raises(ValueError, match="4x4 grid"):
+    pool_tokens(jnp.asarray(tokens), (4, 4), 3)
+  with pytest.raises(ValueError, match="token_pool"):
+    probes.ProbeConfig(features="pooled", token_pool=2)
+  with pytest.raises(ValueError, match="token_pool"):
+    probes.ProbeConfig(features="tokens", token_pool=0)
+
+
 def test_probe_train_views_add_augmented_copies_of_the_train_split():
   rng = np.random.default_rng(0)
   images = {"train": rng.normal(size=(40, 4, 4, 1)).astype(np.float32),

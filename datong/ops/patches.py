@@ -5,6 +5,7 @@ Patch order is row-major over the patch grid; inside a patch the vector is
 a stride-``p`` convolution whose kernel is reshaped to ``[p*p*c, width]``.
 """
 
+import einops
 
 
 def _check(h: int, w: int, patch: tuple[int, int]):
@@ -55,3 +56,16 @@ def grid_shape(image_size: tuple[int, int], patch) -> tuple[int, int]:
   ph, pw = pair(patch)
   _check(image_size[0], image_size[1], (ph, pw))
   return image_size[0] // ph, image_size[1] // pw
+
+
+def pool_tokens(tokens, grid: tuple[int, int], window: int):
+  """``[b, h*w, d]`` tokens in raster order over an ``(h, w)`` grid -> their
+  means over non-overlapping ``window x window`` cells, ``[b, (h/window) *
+  (w/window), d]`` in raster order of the cells."""
+  h, w = grid
+  if tokens.shape[1] != h * w or h % window or w % window:
+    raise ValueError(f"pool_tokens: {tokens.shape[1]} tokens on a {h}x{w} grid can not be "
+                     f"pooled in {window}x{window} cells.")
+  return einops.reduce(tokens, "b (h i w j) d -> b (h w) d", "mean", h=h // window, i=window,
+                       j=window)
+

@@ -25,7 +25,7 @@ import numpy as np
 
 from datong.backbone import TransformerConfig
 from datong.ops import vq
-from datong.ops.patches import pair
+from datong.ops.patches import pair, pool_tokens
 from datong.unimodal.generation import generate
 from datong.unimodal.text import BERT, GPT, TextConfig
 
@@ -102,17 +102,25 @@ def igpt_inputs(ids, config: IGPTConfig):
   return jnp.concatenate([start, ids[:, :-1].astype(jnp.int32)], axis=1)
 
 
-def layer_features(layers, how: str = "mean"):
+def layer_features(layers, how: str = "mean", grid=None, pool: int = 1):
   """``[depth, b, n, width]`` block outputs -> per-layer probe features:
   ``"mean"``, each layer's mean over positions ``[depth, b, width]``
   (iGPT's); ``"tokens"``, the layer's hidden states at the pixel positions
   (the start token dropped), flattened in raster order ``[depth, b, (n - 1)
-  * width]``: a probe that keeps the spatial map."""
+  * width]``: a probe that keeps the spatial map. With ``pool`` > 1, the
+  ``n = h * w`` states tile the ``grid`` ``(h, w)``, position ``i`` standing
+  for pixel ``i``, the one it predicts (position 0: the start token), and
+  are averaged over ``pool x pool`` cells first: ``[depth, b, n / pool**2 *
+  width]``."""
   layers = layers.astype(jnp.float32)
   if how == "mean":
     return jnp.mean(layers, axis=2)
   if how == "tokens":
-    return layers[:, :, 1:].reshape(layers.shape[0], layers.shape[1], -1)
+    if pool == 1:
+      return layers[:, :, 1:].reshape(layers.shape[0], layers.shape[1], -1)
+    depth, b, n, width = layers.shape
+    cells = pool_tokens(layers.reshape(depth * b, n, width), grid, pool)
+    return cells.reshape(depth, b, -1)
   raise ValueError(f"layer_features: how={how!r}; use 'mean' or 'tokens'.")
 
 

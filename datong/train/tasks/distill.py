@@ -491,7 +491,7 @@ class FeatureDistillTask(Task):
 
     def features(p, images):
       _, aux = self.config.student.make().apply({"params": p["encoder"]}, images)
-      return {"": select_features(aux, which)}
+      return {"": select_features(aux, which, self.probe.token_pool)}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.probe, self.train_split,
                             self.eval_split,

@@ -10,7 +10,8 @@ reports ``eval/bits_per_pixel`` (``eval/mlm_loss`` with the BERT objective)
 on the test split, the per-layer probe
 (``eval/layer{l}_linear_probe_accuracy`` and k-NN; features: the layer's
 mean over positions with ``probe.features="pooled"``, its hidden states at
-every pixel, flattened, with ``"tokens"``), the best layer's accuracy as
+every pixel, flattened, with ``"tokens"``, first averaged over cells of
+``probe.token_pool`` squared pixels when > 1), the best layer's accuracy as
 ``eval/linear_probe_accuracy`` with ``eval/best_layer`` (1-based), and
 writes ``igpt_samples_step{N}.png`` (KV-cache samples).
 """
@@ -39,10 +40,15 @@ LN2 = float(np.log(2.0))
 
 @dataclasses.dataclass(frozen=True)
 class IGPTTaskConfig:
-  """iGPT pretraining on ``data``; ``palette_images`` training images fit the palette."""
+  """iGPT pretraining on ``data``; ``palette_images`` training images fit the palette.
+
+  ``train_augment=False``: training sees the images as they are; ``data``'s
+  augmentation then only makes the probe's extra views (``probe.train_views``).
+  """
   model: igpt.IGPTConfig
   data: ImageData = ImageData()
   probe: ProbeConfig = ProbeConfig()
+  train_augment: bool = True
   palette_images: int = 1000
   samples: int = 32  # images in the sample PNG (0: none)
   temperature: float = 1.0
@@ -113,7 +119,8 @@ class IGPTTask(Task):
 
   def loss(self, params, batch, rng, *, train=True):
     aug_rng, drop_rng, mask_rng = jax.random.split(rng, 3)
-    images = self.data.augment(batch["image"], aug_rng) if train else batch["image"]
+    augment = train and self.config.train_augment
+    images = self.data.augment(batch["image"], aug_rng) if augment else batch["image"]
     ids, logits, _, selected = self._apply(params, images, train=train,
                                            rng=drop_rng if train else None, mask_rng=mask_rng)
     if selected is not None:
@@ -134,7 +141,8 @@ class IGPTTask(Task):
 
     def features(p, images):
       _, _, aux, _ = self._apply(p, images, return_layers=True)
-      per_layer = igpt.layer_features(aux["layers"], self.probe_features)
+      per_layer = igpt.layer_features(aux["layers"], self.probe_features,
+                                      self.config.model.image_size, self.config.probe.token_pool)
       return {f"layer{l + 1}_": per_layer[l] for l in range(per_layer.shape[0])}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,

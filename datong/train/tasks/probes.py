@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datong.ops.patches import pool_tokens
 from datong.train.task import EvalContext
 
 __all__ = ["FEATURES", "ProbeConfig", "extract_features", "knn_accuracy", "linear_probe",
@@ -37,8 +38,12 @@ class ProbeConfig:
   ``features``: ``pooled`` (the encoder's pooling), ``cls``, ``gap``,
   ``cls+gap`` (concatenated), ``layers`` (the mean patch token of every
   block, concatenated with cls+gap), or ``tokens`` (every patch token of the
-  last block, flattened in image order: a probe that keeps the spatial map). Features are standardized with train
-  statistics; ``c`` is the inverse L2 strength of the logistic regression
+  last block, flattened in image order: a probe that keeps the spatial map).
+  ``token_pool`` (with ``tokens`` only): the tokens are first averaged over
+  non-overlapping ``token_pool x token_pool`` cells of the (square) token
+  grid, a coarser map with ``token_pool**2`` times fewer features and some
+  shift invariance (``pool_tokens``; 1: every token). Features are
+  standardized with train statistics; ``c`` is the inverse L2 strength of the logistic regression
   (0: chosen by 3-fold cross-validation on the train features).
   ``train_views``: the probe is fit on the train images plus
   ``train_views - 1`` randomly augmented copies (the task's ``ImageData``
@@ -48,6 +53,7 @@ class ProbeConfig:
   features: str = "pooled"
   c: float = 1.0
   train_views: int = 1
+  token_pool: int = 1
   max_iter: int = 2000
   knn_k: int = 5
   batch_size: int = 256  # feature extraction batch (rounded up by the engine)
@@ -60,13 +66,17 @@ class ProbeConfig:
     if self.train_views < 1:
       raise ValueError(f"ProbeConfig.train_views={self.train_views}: must be >= 1 "
                        f"(1: the train images only).")
+    if self.token_pool < 1 or (self.token_pool > 1 and self.features != "tokens"):
+      raise ValueError(f"ProbeConfig.token_pool={self.token_pool}: must be >= 1, and 1 unless "
+                       f"features='tokens' (features={self.features!r}).")
 
 
-def select_features(aux: dict, which: str):
+def select_features(aux: dict, which: str, token_pool: int = 1):
   """Pick probe features from an image encoder's aux dict.
 
   Tokens before the patch tokens in ``encoded`` (a [CLS]) are the prefix:
   ``cls`` is the first of them, or the mean patch token when there is none.
+  ``token_pool`` > 1 pools ``tokens`` on their (square) grid first.
   """
   gap = jnp.mean(aux["patch_tokens"], axis=1)
   prefix = aux["encoded"].shape[1] - aux["patch_tokens"].shape[1]
@@ -79,6 +89,9 @@ def select_features(aux: dict, which: str):
     return gap
   if which == "tokens":
     tokens = aux["patch_tokens"]
+    if token_pool > 1:
+      side = int(round(tokens.shape[1] ** 0.5))
+      tokens = pool_tokens(tokens, (side, side), token_pool)
     return tokens.reshape(tokens.shape[0], -1)
   if which == "layers":
     per_layer = [jnp.mean(layer[:, prefix:], axis=1) for layer in aux["layers"]]

@@ -77,7 +77,7 @@ class _ViewTask(Task):
 
     def features(p, images):
       _, aux = self.config.model.encoder.make().apply({"params": p["encoder"]}, images)
-      return {"": select_features(aux, which)}
+      return {"": select_features(aux, which, self.config.probe.token_pool)}
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,
                             self.train_split, self.eval_split)

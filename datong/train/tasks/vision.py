@@ -265,7 +265,8 @@ class _MIMTask(_ImageTask):
     """``{name: [b, d]}`` for every feature set in ``which``, from one encoder pass."""
     _, aux = self.encoder_config.make().apply(
         {"params": _unbox(params)["encoder"]}, images, return_layers="layers" in which)
-    return {w: select_features(aux, w) for w in which}
+    return {w: select_features(aux, w, self.config.probe.token_pool if w == "tokens" else 1)
+            for w in which}
 
   def mean_eval_loss(self, params, ctx):
     loss_fn = jax.jit(lambda p, b: self.loss(p, b, jax.random.PRNGKey(0), train=False)[0])
