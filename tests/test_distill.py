@@ -270,6 +270,21 @@ def _dino(momentum_steps=4):
                     momentum_steps=momentum_steps, teacher_momentum=0.9, center_momentum=0.8)
 
 
+def test_dino_prototypes_are_cosines_whatever_the_weights_scale():
+  from datong.unimodal.selfsup import Prototypes  # pylint: disable=import-outside-toplevel
+  rs = np.random.RandomState(0)
+  x = rs.randn(5, 8).astype(np.float32)
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  layer = Prototypes(6)
+  params = layer.init(jax.random.PRNGKey(0), x)
+  w = np.asarray(params["params"]["kernel"].unbox())
+  out = np.asarray(layer.apply(params, x))
+  np.testing.assert_allclose(out, x @ (w / np.linalg.norm(w, axis=0, keepdims=True)), atol=1e-6)
+  assert np.all(np.abs(out) <= 1 + 1e-6)
+  shrunk = jax.tree.map(lambda p: p * 1e-3, params)  # shrinking the weights changes nothing
+  np.testing.assert_allclose(np.asarray(layer.apply(shrunk, x)), out, atol=1e-5)
+
+
 def test_the_dino_ema_teacher_and_center_follow_their_formulas(tmp_path):
   cfg = _run(_dino(), steps=4)
   trainer = loop.Trainer(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])

@@ -24,7 +24,8 @@ HEADS = ("simclr", "dino")
 class SelfSupConfig:
   """``encoder``: any image-encoder config. ``head``: ``simclr`` (dense ->
   gelu -> dense to ``out_dim``) or ``dino`` (``layers`` dense+gelu of
-  ``hidden`` -> dense to ``bottleneck`` -> L2 norm -> dense to ``out_dim``)."""
+  ``hidden`` -> dense to ``bottleneck`` -> L2 norm -> ``out_dim`` cosines with
+  weight-normalized prototypes, ``Prototypes``)."""
   encoder: Any
   head: str = "simclr"
   hidden: int = 256
@@ -48,6 +49,24 @@ def _dense(features, axes, name, dtype, use_bias=True):
                   name=name)
 
 
+class Prototypes(nn.Module):
+  """DINO's last layer, weight-normalized: each output is the cosine between
+  the (unit) bottleneck and one prototype column, so its scale is fixed and
+  the uniform output cannot be reached by shrinking the weights (the
+  collapse DINO's fixed-norm last layer prevents)."""
+  features: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               (None, None)),
+                        (x.shape[-1], self.features), self.param_dtype)
+    kernel = jnp.asarray(kernel, jnp.float32)
+    kernel = kernel * jax.lax.rsqrt(jnp.maximum(jnp.sum(kernel * kernel, 0, keepdims=True), 1e-12))
+    return x @ kernel
+
+
 class ProjectionHead(nn.Module):
   config: SelfSupConfig
 
@@ -64,7 +83,7 @@ class ProjectionHead(nn.Module):
       return _dense(cfg.out_dim, ("mlp", None), "out", dtype)(x)
     x = _dense(cfg.bottleneck, ("mlp", None), "bottleneck", dtype)(x)
     x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
-    return _dense(cfg.out_dim, (None, None), "prototypes", dtype, use_bias=False)(x)
+    return Prototypes(cfg.out_dim, dtype, name="prototypes")(x)
 
 
 class SelfSupModel(nn.Module):

@@ -1,10 +1,10 @@
 """DINO on the embedded 8x8 digits: self-distillation with an EMA teacher, centering, sharpening and multi-crop; linear probe and k-NN on frozen features.
 
 Full run not yet measured. Views (host, per example and seed): 2 global
-crops (40-100% of the area) at 32x32 and 4 local crops (10-40%) at 16x16,
+crops (40-100% of the area) at 16x16 and 4 local crops (10-40%) at 8x8,
 contrast / brightness jitter, Gaussian blur half the time, no flips. The
-student (the mae-digits ViT + DINO head: 2 x 256 MLP, 64-d L2-normalized
-bottleneck, 256 prototypes) sees all 6 views (the 16x16 ones through the
+student (the simclr-digits ViT + DINO head: 2 x 256 MLP, 64-d L2-normalized
+bottleneck, 256 weight-normalized prototypes) sees all 6 views (the 8x8 ones through the
 interpolated position table); the teacher, an EMA of the student with
 momentum 0.99 -> 1 on a cosine, sees the 2 global ones, centered (center
 momentum 0.9) and sharpened (temperature 0.04 vs the student's 0.1).
@@ -34,8 +34,9 @@ STEPS = 1000
 
 def config() -> RunConfig:
   model = SelfSupConfig(encoder(), head="dino", hidden=256, bottleneck=64, out_dim=256)
-  data = ViewData(global_size=(32, 32), local_size=(16, 16), global_views=2, local_views=4,
+  data = ViewData(global_size=(16, 16), local_size=(8, 8), global_views=2, local_views=4,
                   global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), jitter=0.4, blur=0.5,
+                  blur_sigma=0.75,
                   flip=False)
   return RunConfig(
       task=DINOConfig(model=model, data=data, momentum_steps=STEPS, teacher_momentum=0.99,
