@@ -13,7 +13,8 @@ optimizer (augmentation, label smoothing, test-time shifts) at the encoder's
 resolution (digits upsampled to its image size, shifts scaled with it), with
 ``--steps`` steps and layer-wise lr decay ``--layer-decay``. Prints and
 saves each run's ``eval/accuracy`` with the wall time; workdirs go under
-``--workroot``.
+``--workroot``. ``--from-scratch``: the same architecture and schedule from
+a fresh initialization (the control for what the pretraining adds).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from datong.train.tasks.distill import find_encoder_config
 DIGIT_SIZE = 8
 
 
-def finetune_config(run: str, steps: int, layer_decay: float):
+def finetune_config(run: str, steps: int, layer_decay: float, from_scratch: bool = False):
   stored = ckpt_lib.stored_run_config(run)
   if stored is None:
     raise SystemExit(f"{run}: no checkpoint with stored settings (is it a finished run?).")
@@ -47,7 +48,8 @@ def finetune_config(run: str, steps: int, layer_decay: float):
   data = dataclasses.replace(base.task.data, upsample=upsample,
                              shift=base.task.data.shift * upsample / base.task.data.upsample)
   task = dataclasses.replace(base.task, model=encoder, data=data, layer_decay=layer_decay,
-                             pretrained=exported if os.path.exists(exported) else run,
+                             pretrained="" if from_scratch else (
+                                 exported if os.path.exists(exported) else run),
                              tta_shift=max(1, upsample // 4))
   train = dataclasses.replace(base.train, steps=steps, eval_every=0)
   optimizer = dataclasses.replace(base.optimizer, warmup_steps=min(base.optimizer.warmup_steps,
@@ -62,17 +64,20 @@ def main(argv=None) -> int:
   p.add_argument("--layer-decay", type=float, default=0.75)
   p.add_argument("--workroot", default="")
   p.add_argument("--out", default="")
+  p.add_argument("--from-scratch", action="store_true")
   args = p.parse_args(argv)
   workroot = args.workroot or tempfile.mkdtemp(prefix="datong-finetune-")
   results = {}
   for run in args.runs:
-    config = finetune_config(run, args.steps, args.layer_decay)
-    workdir = os.path.join(workroot, os.path.basename(os.path.normpath(run)))
+    config = finetune_config(run, args.steps, args.layer_decay, args.from_scratch)
+    workdir = os.path.join(workroot, os.path.basename(os.path.normpath(run))
+                           + ("-scratch" if args.from_scratch else ""))
     start = time.perf_counter()
     metrics = loop.train(config, workdir, progress=False).metrics
     results[run] = dict(accuracy=metrics["eval/accuracy"], wall=time.perf_counter() - start,
                         pretrained=config.task.pretrained, steps=args.steps,
-                        layer_decay=args.layer_decay, workdir=workdir)
+                        layer_decay=args.layer_decay, from_scratch=args.from_scratch,
+                        workdir=workdir)
     print(json.dumps({run: results[run]}), flush=True)
     if args.out:
       with open(args.out, "w", encoding="utf-8") as f:
