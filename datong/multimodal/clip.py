@@ -59,6 +59,14 @@ __all__ = ["CLIP", "ClipConfig", "ImageTower", "TextTower", "contrastive_loss", 
 
 # ------------------------------------------------------------------ config --
 
+def resolved_scale_init(scale_init, loss: str) -> float:
+  """The contrastive logit scale to start from: ``scale_init`` when given,
+  else CLIP's 1 / 0.07 (softmax) or SigLIP's 10 (sigmoid)."""
+  if scale_init is not None:
+    return scale_init
+  return 1.0 / 0.07 if loss == "softmax" else 10.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
   """Two towers and their shared embedding space.
@@ -112,9 +120,7 @@ class ClipConfig:
 
   @property
   def resolved_scale_init(self) -> float:
-    if self.scale_init is not None:
-      return self.scale_init
-    return 1.0 / 0.07 if self.loss == "softmax" else 10.0
+    return resolved_scale_init(self.scale_init, self.loss)
 
   @property
   def text_backbone(self) -> TransformerConfig:

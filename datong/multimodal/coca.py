@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from datong.backbone import Attention, Norm, Transformer, TransformerConfig, init_cache
 from datong.multimodal import contrastive
-from datong.multimodal.clip import LOSSES, contrastive_loss
+from datong.multimodal.clip import LOSSES, contrastive_loss, resolved_scale_init
 from datong.multimodal.fusion import next_token_loss
 from datong.unimodal.encoders import check_image_encoder
 from datong.unimodal.generation import sample_tokens
@@ -131,9 +131,7 @@ class CocaConfig:
 
   @property
   def resolved_scale_init(self) -> float:
-    if self.scale_init is not None:
-      return self.scale_init
-    return 1.0 / 0.07 if self.loss == "softmax" else 10.0
+    return resolved_scale_init(self.scale_init, self.loss)
 
   # The captioners' common face (``datong.caption``, the fusion evaluators).
   @property
@@ -143,6 +141,14 @@ class CocaConfig:
   @property
   def max_text_length(self) -> int:
     return self.text.max_length
+
+  @property
+  def image_size(self) -> tuple:
+    return tuple(self.image.image_size)
+
+  @property
+  def channels(self) -> int:
+    return self.image.channels
 
   @property
   def context_length(self) -> int:

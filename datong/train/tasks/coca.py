@@ -26,12 +26,11 @@ import numpy as np
 from datong.multimodal.coca import CoCa, CocaConfig, caption, coca_loss
 from datong.multimodal.fusion import next_token_loss
 from datong.train.datasets import DIGIT_NAMES
-from datong.train.task import Task, with_aux_losses
-from datong.train.tasks.clip import (augment_caption, class_prompts, contrastive_metrics,
-                                     ensemble_classifier)
-from datong.train.tasks.fusion import encode_captions, score_captions, write_caption_samples
+from datong.train.task import with_aux_losses
+from datong.train.tasks.clip import class_prompts, contrastive_metrics, ensemble_classifier
+from datong.train.tasks.fusion import (CaptionedImageTask, score_captions,
+                                      write_caption_samples)
 from datong.train.tasks.images import ImageData
-from datong.train.tasks.text import make_tokenizer
 
 __all__ = ["CocaTask", "CocaTaskConfig"]
 
@@ -81,46 +80,11 @@ class CocaTaskConfig:
     return CocaTask(self)
 
 
-class CocaTask(Task):
-  """Batches ``{image, text, text_valid, label}``; text is ``[BOS] caption [EOS]``."""
+class CocaTask(CaptionedImageTask):
+  """Contrastive + captioning on one ``CoCa``."""
 
   def __init__(self, config: CocaTaskConfig):
-    self.config = config
-    self.dataset = config.image.dataset
-    self.tokenizer = make_tokenizer(config.tokenizer, (self.dataset, "train", config.caption_key))
-    if config.model.vocab_size < self.tokenizer.vocab_size:
-      raise ValueError(f"CocaConfig.text.vocab_size={config.model.vocab_size} is smaller than "
-                       f"the tokenizer's {self.tokenizer.vocab_size}.")
-    self.model = CoCa(config.model)
-
-  def batch_spec(self, batch_size):
-    mc = self.config.model
-    t = mc.max_text_length
-    h, w = mc.image.image_size
-    return {"image": jax.ShapeDtypeStruct((batch_size, h, w, mc.image.channels), jnp.float32),
-            "text": jax.ShapeDtypeStruct((batch_size, t), jnp.int32),
-            "text_valid": jax.ShapeDtypeStruct((batch_size, t), jnp.bool_),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-
-  def encode_texts(self, texts) -> tuple[np.ndarray, np.ndarray]:
-    """``[BOS] text [EOS]`` ids, padded, and their validity, ``[n, T]`` each."""
-    return encode_captions(texts, self.tokenizer, self.config.model.max_text_length)
-
-  def preprocess(self, example, rng, train):
-    c = self.config
-    out = c.image(example, rng, train)
-    out.setdefault("label", np.int32(-1))
-    text = example[c.caption_key]
-    if train and (c.word_dropout or c.noise_words):
-      text = augment_caption(text, rng, word_dropout=c.word_dropout, noise_words=c.noise_words)
-    ids, valid = self.encode_texts([text])
-    out["text"], out["text_valid"] = ids[0], valid[0]
-    return out
-
-  def init(self, rng, batch):
-    spec = self.batch_spec(1)
-    return self.model.init(rng, jnp.zeros(spec["image"].shape),
-                           jnp.zeros(spec["text"].shape, jnp.int32))
+    super().__init__(config, CoCa(config.model))
 
   def loss(self, params, batch, rng, *, train=True):
     c = self.config

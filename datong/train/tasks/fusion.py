@@ -126,17 +126,20 @@ def write_caption_samples(ctx, samples: list) -> None:
       f.write("label\tnames it\tgenerated caption\n" + "\n".join(samples) + "\n")
 
 
-class FusionTask(Task):
-  """Batches ``{image, text, text_valid, label}``; text is ``[BOS] caption [EOS]``."""
+class CaptionedImageTask(Task):
+  """What the fusion and CoCa tasks share: ``{image, text, text_valid,
+  label}`` batches of an (image, caption[, label]) dataset, text ``[BOS]
+  caption [EOS]`` in the task's tokenizer; ``model`` any captioner config
+  with ``image_size``, ``channels``, ``vocab_size`` and ``max_text_length``."""
 
-  def __init__(self, config: FusionTaskConfig):
+  def __init__(self, config, model):
     self.config = config
     self.dataset = config.image.dataset
     self.tokenizer = make_tokenizer(config.tokenizer, (self.dataset, "train", config.caption_key))
     if config.model.vocab_size < self.tokenizer.vocab_size:
-      raise ValueError(f"FusionConfig.vocab_size={config.model.vocab_size} is smaller than the "
-                       f"tokenizer's {self.tokenizer.vocab_size}.")
-    self.model = FusionModel(config.model)
+      raise ValueError(f"{type(config.model).__name__}.vocab_size={config.model.vocab_size} is "
+                       f"smaller than the tokenizer's {self.tokenizer.vocab_size}.")
+    self.model = model
 
   def batch_spec(self, batch_size):
     mc = self.config.model
@@ -163,8 +166,15 @@ class FusionTask(Task):
 
   def init(self, rng, batch):
     spec = self.batch_spec(1)
-    return self.model.init(rng, jnp.zeros(spec["image"].shape), jnp.zeros(spec["text"].shape,
-                                                                           jnp.int32))
+    return self.model.init(rng, jnp.zeros(spec["image"].shape),
+                           jnp.zeros(spec["text"].shape, jnp.int32))
+
+
+class FusionTask(CaptionedImageTask):
+  """Captioning, matching and masked modeling on one ``FusionModel``."""
+
+  def __init__(self, config: FusionTaskConfig):
+    super().__init__(config, FusionModel(config.model))
 
   # --- objectives ---
   def _negatives(self, params, images, ids, valid, labels, rng):
