@@ -17,7 +17,9 @@ Measured on the 700-step model (``python bench/reevaluate.py igpt-digits
 WORKDIR``, machine load ~6-9 on 2 cores): layers 1-6: 0.925, 0.950, 0.942,
 0.939, 0.928, 0.906; best layer 2, 0.950; 2.096 bits/pixel; the evaluation
 took 249 CPU-seconds (user + sys). Without the augmented views the same
-model's curve is 0.911-0.922 (C = 0.1). Raw pixels give 0.90.
+model's curve is 0.911-0.922 (C = 0.1). Raw pixels give 0.90. The whole
+recipe, end to end on the quiet 2-core CPU (BENCHMARKS.md recipe table,
+4404b8a): the same curve and 0.9500 in 8m56s (CPU 16m06s).
 
     datong train igpt-digits --workdir /tmp/igpt-digits
 """
