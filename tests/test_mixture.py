@@ -362,6 +362,31 @@ def test_member_settings_are_overridable_by_name_and_round_trip_through_json():
     config_lib.override(cfg, {"per_row": "2"})
 
 
+def test_only_trains_the_named_members_exactly_as_in_the_mixture():
+  """``task.only`` (the single-member baselines): the kept member's params,
+  batch and loss are the ones it has inside the full mixture."""
+  from datong.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  full = MixtureTaskConfig(members=_members())
+  alone = config_lib.override(full, {"only": "mae"})
+  assert alone.only == ("mae",)
+  assert config_lib.from_json(config_lib.to_json(_run(alone))).task.only == ("mae",)
+  full_task, task = full.build(), alone.build()
+  assert list(task.members) == ["mae"] and task.per_row == {"mae": 2}
+  batch = _host_batch(task, [3, 40], train=False)
+  params = _init(task, batch)
+  assert sorted(params) == ["mae", "shared"]
+  full_params = _init(full_task, _host_batch(full_task, [3, 40], train=False))
+  assert jax.tree.structure(params["mae"]) == jax.tree.structure(full_params["mae"])
+  rng = jax.random.PRNGKey(1)
+  loss, metrics = task.loss(params, batch, rng)
+  own, _ = task.members["mae"].loss(task.view(params, "mae"), task.member_batch(batch, "mae"),
+                                    jax.random.fold_in(rng, 0))
+  np.testing.assert_allclose(loss, own, rtol=1e-6)
+  assert float(metrics["mae/loss"]) == float(loss)
+  with pytest.raises(ValueError, match=r"only=\['gtp'\].*members are \['gpt', 'mae', 'clip'\]"):
+    config_lib.override(full, {"only": "gtp"})
+
+
 def test_every_member_is_evaluated_on_its_own_held_out_data(tmp_path):
   trainer = loop.Trainer(_run(MixtureTaskConfig(members=_members())), str(tmp_path),
                          devices=jax.devices()[:1])

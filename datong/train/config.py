@@ -180,6 +180,8 @@ def _parse(text: str, current: Any, annotation: Any) -> Any:
       return int(float(text))
     return target(text)
   if target in (tuple, list):
+    if typing.get_args(annotation)[:1] == (str,) and not text.lstrip().startswith(("[", '"')):
+      return target(word.strip() for word in text.split(",") if word.strip())  # a,b: names
     value = json.loads(text)
     if isinstance(value, list):
       return target(value)

@@ -67,13 +67,13 @@ def members(backbone: TransformerConfig, *, seq_length: int = 128, tokenizer: st
                       probe=probe, png_examples=png_examples, export_encoder=False)
   clip_model = ClipConfig(
       image=ViTConfig(backbone, image_size=(8, 8), patch_size=(4, 4), channels=1, pool="gap"),
-      text=TextConfig(backbone=backbone, positions="learned", max_length=48),
+      text=TextConfig(backbone=backbone, vocab_size=512, positions="learned", max_length=24),
       embed_dim=embed_dim, text_pool="mean", text_causal=False, loss="softmax")
   clip = ClipTaskConfig(model=clip_model,
                         image=ImageData(dataset="digit_captions", shift=1.0, rotate=10.0,
                                         scale=0.1),
-                        class_names=digit_classes(), templates=ZERO_SHOT_TEMPLATES,
-                        word_dropout=0.05, noise_words=0.5)
+                        tokenizer="bpe:512", class_names=digit_classes(),
+                        templates=ZERO_SHOT_TEMPLATES, word_dropout=0.05, noise_words=0.5)
   out = (MemberConfig("gpt", gpt, per_row=per_row[0]),
          MemberConfig("mae", mae, per_row=per_row[1]),
          MemberConfig("clip", clip, per_row=per_row[2]))
@@ -94,7 +94,7 @@ def config() -> RunConfig:
   return RunConfig(
       task=MixtureTaskConfig(members=members(backbone, probe=ProbeConfig(train_views=4),
                                              caption=True)),
-      train=TrainConfig(steps=1000, batch_size=8, log_every=50, eval_every=0,
+      train=TrainConfig(steps=1200, batch_size=8, log_every=50, eval_every=0,
                         checkpoint_every=0, seed=0),
       optimizer=OptimizerConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=50,
                                 b2=0.95, weight_decay=0.05, grad_clip_norm=1.0))

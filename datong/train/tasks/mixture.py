@@ -102,11 +102,16 @@ class MixtureTaskConfig:
   ``key`` in every member, e.g. ``"backbone"``); ``group`` defaults to the
   path's last name and all entries of one group must have the same shapes.
   The first member (in order) that holds a group initializes it.
+
+  ``only``: train just these members (names), each exactly as configured
+  here (data, batch, loss, evaluation), with the others left out: a
+  mixture's single-member baselines, ``--set task.only=gpt``.
   """
   members: tuple = ()
   shared: tuple = ("backbone",)
   mode: str = "all"  # all | sample
   sample_impl: str = "switch"  # switch | weights (mode="sample" only)
+  only: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.members:
@@ -124,9 +129,19 @@ class MixtureTaskConfig:
       if ":" in target and target.split(":", 1)[0] not in names:
         raise ValueError(f"MixtureTaskConfig.shared entry {entry!r} names member "
                          f"{target.split(':', 1)[0]!r}, not one of {names}.")
+    unknown = [n for n in self.only if n not in names]
+    if unknown:
+      raise ValueError(f"MixtureTaskConfig.only={list(self.only)}: no member named {unknown}; "
+                       f"the members are {names}.")
 
   def build(self) -> "MixtureTask":
-    return MixtureTask(self)
+    if not self.only:
+      return MixtureTask(self)
+    kept = tuple(m for m in self.members if m.name in self.only)
+    shared = tuple(e for e in self.shared
+                   if ":" not in e.split("=", 1)[-1] or e.split("=", 1)[-1].split(":")[0] in
+                   self.only)
+    return MixtureTask(dataclasses.replace(self, members=kept, shared=shared, only=()))
 
 
 # ------------------------------------------------------------------ trees ---
