@@ -244,3 +244,34 @@ def test_generate_text_uses_the_runs_tokenizer_and_rejects_a_mismatch():
     dn.generate_text(model, params, "The json", max_new_tokens=5)  # the byte default
   with pytest.raises(TypeError, match="no tokenizer"):
     dn.tokenizer_of("vit-digits")
+
+
+def test_member_of_a_mixture_run_puts_the_shared_backbone_back(tmp_path):
+  """``FitResult.member``: a member's params are its own layout, the shared
+  backbone included; a wrong name or a non-mixture run is a clear error."""
+  from datong.backbone import TransformerConfig  # pylint: disable=import-outside-toplevel
+  from datong.notebook.runs import FitResult  # pylint: disable=import-outside-toplevel
+  from datong.train.config import RunConfig  # pylint: disable=import-outside-toplevel
+  from datong.train.recipes import unified_digits  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.mixture import MixtureTaskConfig  # pylint: disable=import-outside-toplevel
+  members = unified_digits.members(TransformerConfig(width=32, depth=1, heads=2, mlp_dim=64),
+                                   tokenizer="byte", vocab_size=262, upsample=1, png_examples=0,
+                                   decoder=TransformerConfig(width=16, depth=1, heads=2,
+                                                             mlp_dim=32), embed_dim=16)
+  run = FitResult(config=RunConfig(task=MixtureTaskConfig(members=members[:2])),
+                  workdir=str(tmp_path), result=None)
+  spec = run.task.batch_spec(2)
+  params = jax.eval_shape(lambda r: nn.unbox(run.task.init(r, spec)["params"]),
+                          jax.random.PRNGKey(0))
+  run._params = params  # pylint: disable=protected-access
+  gpt = run.member("gpt")
+  assert gpt.model is run.task.members["gpt"].model
+  assert gpt.params["encoder"]["backbone"] is params["shared"]["backbone"]
+  assert jax.tree.structure(gpt.params) == jax.tree.structure(jax.eval_shape(
+      lambda r: nn.unbox(gpt.task.init(r, run.task.member_batch(spec, "gpt"))["params"]),
+      jax.random.PRNGKey(0)))
+  with pytest.raises(ValueError, match="Unknown member .clip.; choose one of: gpt, mae"):
+    run.member("clip")
+  single = FitResult(config=RunConfig(task=members[0].task), workdir=str(tmp_path), result=None)
+  with pytest.raises(TypeError, match="not a mixture"):
+    single.member("gpt")

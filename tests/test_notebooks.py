@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 NOTEBOOKS = ("01_compose_clip.ipynb", "02_mae_digits.ipynb", "03_gpt_text.ipynb",
-             "04_hf_continue.ipynb", "05_visual_tokens.ipynb")
+             "04_hf_continue.ipynb", "05_visual_tokens.ipynb", "06_unified.ipynb")
 CELL_TIMEOUT_S = 120  # a whole notebook takes well under a minute on a laptop CPU
 
 

@@ -72,6 +72,19 @@ class FitResult:
   def model(self) -> nn.Module:
     return self.task.model
 
+  def member(self, name: str) -> "MemberRun":
+    """Member ``name`` of a mixture run (``unified-digits``'s ``gpt``,
+    ``mae``, ``clip``, ``caption``): its task, model and params with the
+    shared parts put back, for ``generate_text``, ``caption``,
+    ``zero_shot_predict``, ``reconstruct``, ``examples``, ..."""
+    members = getattr(self.task, "members", None)
+    if members is None:
+      raise TypeError(f"member({name!r}): this run's task is a {type(self.task).__name__}, not a "
+                      "mixture (MixtureTaskConfig); use run.task / run.params directly.")
+    if name not in members:
+      raise _choices("member", name, list(members))
+    return MemberRun(name, members[name], self.task.view(params_collection(self.params), name))
+
   def plot(self, keys: Sequence[str] = ("train/loss",), ax=None):
     """A matplotlib figure of the logged metrics ``keys`` against the step."""
     plt = _pyplot()
@@ -85,6 +98,18 @@ class FitResult:
     ax.grid(alpha=0.3)
     ax.legend()
     return _finish(fig or ax.figure)
+
+
+@dataclasses.dataclass
+class MemberRun:
+  """One member of a trained mixture (``FitResult.member``)."""
+  name: str
+  task: Any  # the member's Task
+  params: Any  # its parameters in its own layout (shared subtrees included)
+
+  @property
+  def model(self) -> nn.Module:
+    return self.task.model
 
 
 def run_config(run, **overrides):
@@ -151,7 +176,7 @@ def fit(run, steps: Optional[int] = None, *, workdir: Optional[str] = None,
 # ------------------------------------------------- data and predictions --
 
 def _task(task):
-  if isinstance(task, FitResult):
+  if isinstance(task, (FitResult, MemberRun)):
     return task.task
   if isinstance(task, str):
     from datong.train import recipes  # pylint: disable=import-outside-toplevel
