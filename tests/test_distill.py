@@ -317,8 +317,7 @@ def test_a_dino_run_with_its_ema_teacher_and_center_resumes_bitwise(tmp_path):
   dino = _dino()
   cfg = _run(dataclasses.replace(dino, data=dataclasses.replace(dino.data, local_views=0)),
              steps=4)
-  full, half = str(tmp_path / "full"), str(tmp_path / "half")
-  one = jax.devices()[:1]
+  full, half, one = str(tmp_path / "full"), str(tmp_path / "half"), jax.devices()[:1]
   loop.train(cfg, full, progress=False, evaluate=False, devices=one)
   loop.train(cfg, half, progress=False, evaluate=False, stop_at=2, devices=one)
   loop.train(cfg, half, progress=False, evaluate=False, devices=one)
@@ -383,30 +382,41 @@ def nn_unbox(tree):
   return nn.unbox(tree)
 
 
-def test_gpt_logit_distillation_over_every_real_position_and_a_shared_tokenizer(tmp_path):
+def _gpt(width, **kw):
   from datong.train.tasks.text import GPTTaskConfig  # pylint: disable=import-outside-toplevel
   from datong.unimodal.text import TextConfig  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
+  return GPTTaskConfig(model=TextConfig(TransformerConfig(width=width, depth=1, heads=2,
+                                                          mlp_dim=2 * width)),
+                       seq_length=16, tokenizer="byte", **kw)
 
-  def gpt(width):
-    return GPTTaskConfig(model=TextConfig(TransformerConfig(width=width, depth=1, heads=2,
-                                                            mlp_dim=2 * width)),
-                         seq_length=16, tokenizer="byte")
-  teacher = gpt(16)
+
+def _gpt_teacher(tmp_path, **kw):
+  """``(teacher config, its .msgpack path, its module, its params)``: fresh, width 16."""
+  import flax  # pylint: disable=import-outside-toplevel
+  teacher = _gpt(16, **kw)
   fresh = teacher.build()
   tparams = nn_unbox(fresh.init(jax.random.PRNGKey(3), fresh.batch_spec(2))["params"])
   path = str(tmp_path / "gpt.msgpack")
   with open(path, "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(tparams)))
-  task = LogitDistillConfig(student=gpt(8), teacher=path, teacher_model=teacher,
-                            temperature=1.5, alpha=0.6).build()
-  params = nn_unbox(task.init(jax.random.PRNGKey(0), task.batch_spec(2))["params"])
+  return teacher, path, fresh, tparams
+
+
+def _gpt_batch():
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(3, 200, (2, 16)), "targets": rng.integers(3, 200, (2, 16)),
            "loss_weights": np.array([[1.0] * 16, [1.0] * 10 + [0.0] * 6], np.float32),
            "segment_ids": np.ones((2, 16), np.int32),
            "positions": np.tile(np.arange(16), (2, 1))}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_gpt_logit_distillation_over_every_real_position_and_a_shared_tokenizer(tmp_path):
+  teacher, path, fresh, tparams = _gpt_teacher(tmp_path)
+  task = LogitDistillConfig(student=_gpt(8), teacher=path, teacher_model=teacher,
+                            temperature=1.5, alpha=0.6).build()
+  params = nn_unbox(task.init(jax.random.PRNGKey(0), task.batch_spec(2))["params"])
+  batch = _gpt_batch()
   loss, _ = task.loss(params, batch, jax.random.PRNGKey(0), train=False)
   apply = lambda m, p: m.apply({"params": p}, batch["inputs"], segment_ids=batch["segment_ids"],
                                positions=batch["positions"])[0]
@@ -422,7 +432,63 @@ def test_gpt_logit_distillation_over_every_real_position_and_a_shared_tokenizer(
   np.testing.assert_allclose(loss, want, rtol=1e-4)
   other = dataclasses.replace(teacher, tokenizer="bpe:512")
   with pytest.raises(ValueError, match="teacher's tokenizer 'bpe:512' is not the student's 'byte'"):
-    LogitDistillConfig(student=gpt(8), teacher=path, teacher_model=other).build()
+    LogitDistillConfig(student=_gpt(8), teacher=path, teacher_model=other).build()
+
+
+def test_precomputed_teacher_logits_give_the_in_step_loss_and_gradients_without_a_teacher(
+    tmp_path):
+  from jax.extend.core import Var  # pylint: disable=import-outside-toplevel
+  from datong.train.tasks.teacher_outputs import precompute_logits  # pylint: disable=import-outside-toplevel
+  teacher, path, _, _ = _gpt_teacher(tmp_path)
+  make = lambda **kw: LogitDistillConfig(student=_gpt(8), teacher=path, teacher_model=teacher,
+                                         temperature=1.5, alpha=0.6, **kw).build()
+  in_step = make()
+  params = nn_unbox(in_step.init(jax.random.PRNGKey(0), in_step.batch_spec(2))["params"])
+  batch = _gpt_batch()
+  grad = lambda task, b: jax.jit(jax.value_and_grad(lambda p: task.loss(
+      p, b, jax.random.PRNGKey(0), train=False)[0]))(params)
+  want = grad(in_step, batch)
+  def reads_teacher(task, b):
+    jaxpr = jax.make_jaxpr(lambda t: task.loss({**params, "teacher": t}, b,
+                                               jax.random.PRNGKey(0)))(params["teacher"]).jaxpr
+    used = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, Var)}
+    return bool(set(jaxpr.invars) & used)
+  for dtype, tol in (("float32", 1e-5), ("float16", 2e-3), ("bfloat16", 2e-2)):
+    task = make(teacher_outputs="precomputed", teacher_dtype=dtype)
+    assert task.batch_spec(2)["teacher_logits"].shape == (2, 16, task.vocab)
+    logits = precompute_logits(task.teacher_forward, params["teacher"], batch, vocab=task.vocab,
+                               dtype=dtype, batch_size=4)
+    assert logits.dtype == jnp.dtype(dtype)
+    got = grad(task, {**batch, "teacher_logits": logits})
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=tol, atol=tol * 1e-2)
+    # The teacher's forward is not in the precomputed step: its params are never read.
+    assert reads_teacher(in_step, batch) and not reads_teacher(task, {**batch,
+                                                                      "teacher_logits": logits})
+    assert task.flops_per_example() < in_step.flops_per_example()
+
+
+def test_a_precomputed_teacher_run_resumes_bitwise_and_images_refuse_it(tmp_path):
+  captions = {"dataset": "digit_captions", "text_feature": "caption", "eval_split": "test"}
+  teacher, path, _, _ = _gpt_teacher(tmp_path, **captions)
+  cfg = _run(LogitDistillConfig(student=_gpt(8, **captions), teacher=path, teacher_model=teacher,
+                                teacher_outputs="precomputed"), steps=4)
+  task = cfg.task.build()
+  src, rows = task.source("train"), task.inner.source("train")
+  assert len(src) == len(rows) and src[5]["teacher_logits"].shape == (16, task.vocab)
+  np.testing.assert_array_equal(src.arrays["inputs"], rows.arrays["inputs"])
+  full, half, one = str(tmp_path / "full"), str(tmp_path / "half"), jax.devices()[:1]
+  loop.train(cfg, full, progress=False, evaluate=False, devices=one)
+  loop.train(cfg, half, progress=False, evaluate=False, stop_at=2, devices=one)
+  loop.train(cfg, half, progress=False, evaluate=False, devices=one)
+  jax.tree.map(np.testing.assert_array_equal, ckpt_lib.load_params(half),
+               ckpt_lib.load_params(full))
+  for make, student in ((LogitDistillConfig, _classifier(8)),
+                        (FeatureDistillConfig, _classifier(8).model)):
+    with pytest.raises(ValueError, match="augmented anew at every step.*=in_step"):
+      make(student=student, teacher_outputs="precomputed")
+  with pytest.raises(ValueError, match="teacher_dtype='int8': one of"):
+    LogitDistillConfig(student=_gpt(8), teacher_outputs="precomputed", teacher_dtype="int8")
 
 
 # ------------------------------------------------------------------ recipes

@@ -20,7 +20,10 @@ or a ``GPTTaskConfig`` (every position's next-token logits; teacher and
 student must share the tokenizer) student with
 ``alpha * T^2 KL(teacher || student) + (1 - alpha) * CE(labels)``
 (``datong.ops.distill.kd_loss``). Data, preprocessing and evaluation are the
-student task's own, run on the student's params.
+student task's own, run on the student's params. A GPT student's teacher
+logits can instead be computed once over the training rows and served with
+each batch (``teacher_outputs="precomputed"``,
+``datong.train.tasks.teacher_outputs``); augmented image students refuse it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from datong.train import warmstart
 from datong.train.task import EvalContext, Task, with_aux_losses
 from datong.train.tasks.images import ImageData
 from datong.train.tasks.probes import ProbeConfig, probe_metrics, select_features
-from datong.train.tasks.text import GPTTaskConfig
+from datong.train.tasks.teacher_outputs import (FIELD, check_choice, precompute_logits,
+                                                refuse_precomputed)
+from datong.train.tasks.text import GPTTaskConfig, PackedSource
 from datong.train.tasks.vision import ViTClassifierConfig, export_encoder
 from datong.unimodal.encoders import DistilledClassifier, ImageClassifier, is_image_encoder
 from datong.unimodal.text import GPT
@@ -233,6 +238,14 @@ class LogitDistillConfig:
   head learns from the teacher (``T^2 KL``, weight ``alpha``) while the
   class head learns from the labels (weight ``1 - alpha``); predictions
   average the two heads' softmax.
+
+  ``teacher_outputs``: ``in_step`` (the teacher's forward runs inside every
+  jitted step) or ``precomputed`` (GPT students only: the teacher runs once
+  over every training row before the first step, its logits stay on the
+  host in ``teacher_dtype`` and come with each batch; the step reads them).
+  ``teacher_dtype``: ``float32`` (raw logits: the in-step loss to fp32 rounding),
+  ``float16`` or ``bfloat16`` (log-softmax, half the memory). ViT students
+  see new augmented views every step and refuse ``precomputed``.
   """
   student: Any
   teacher: str = ""
@@ -240,8 +253,13 @@ class LogitDistillConfig:
   temperature: float = 2.0
   alpha: float = 0.5
   distill_token: bool = False  # ViT students: DeiT's distillation token and head
+  teacher_outputs: str = "in_step"  # in_step | precomputed (GPT students)
+  teacher_dtype: str = "float16"  # precomputed logits' host storage: float32 | float16 | bfloat16
 
   def __post_init__(self):
+    check_choice("LogitDistillConfig", self.teacher_outputs, self.teacher_dtype)
+    if self.teacher_outputs == "precomputed" and isinstance(self.student, ViTClassifierConfig):
+      refuse_precomputed("LogitDistillConfig", "a ViT student")
     if self.distill_token and not (isinstance(self.student, ViTClassifierConfig)
                                    and hasattr(self.student.model, "distill_token")):
       raise ValueError("LogitDistillConfig.distill_token=True needs a ViTClassifierConfig "
@@ -326,18 +344,53 @@ class GPTDistillTask(StudentWithTeacher):
                        f"vocabularies cannot be compared. Set "
                        f"task.student.tokenizer={theirs!r} (and its vocab_size).")
     self.vocab = inner.tokenizer.vocab_size  # ids past it (padding rows) are never targets
+    self.precomputed = config.teacher_outputs == "precomputed"
+    self._with_logits = None
     super().__init__(inner, teacher)
 
   def teacher_args(self, batch):
     zeros = jnp.zeros(batch["inputs"].shape, jnp.int32)
     return (zeros,)
 
+  def source(self, split):
+    """The student's rows; with ``precomputed``, the train split's rows also
+    hold ``teacher_logits [n, vocab]`` (same rows, order and count: the data
+    iterator's position and resume are unchanged)."""
+    src = self.inner.source(split)
+    if not self.precomputed or split != self.train_split:
+      return src
+    if self._with_logits is None:
+      shape = (1,) + src.arrays["inputs"].shape[1:]
+      params = nn.unbox(self.teacher.init(jax.random.PRNGKey(0), *self.teacher_args(
+          {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32)})))  # as in the train state
+      logits = precompute_logits(self.teacher_forward, params, src.arrays, vocab=self.vocab,
+                                 dtype=self.config.teacher_dtype)
+      self._with_logits = PackedSource({**src.arrays, FIELD: logits})
+    return self._with_logits
+
+  def batch_spec(self, batch_size):
+    spec = self.inner.batch_spec(batch_size)
+    if self.precomputed:
+      shape = spec["inputs"].shape + (self.vocab,)
+      spec[FIELD] = jax.ShapeDtypeStruct(shape, jnp.dtype(self.config.teacher_dtype))
+    return spec
+
+  def teacher_forward(self, teacher_params, inputs, segment_ids, positions):
+    """The teacher's logits ``[b, n, V]`` (``V`` its model's vocabulary)."""
+    out = self.teacher(teacher_params, inputs, segment_ids=segment_ids, positions=positions)
+    return out[0] if isinstance(out, tuple) else out
+
   def loss(self, params, batch, rng, *, train=True):
     cfg = self.config
     logits, aux = self.inner._apply(student_params(params), batch, rng, train)  # pylint: disable=protected-access
-    out = self.teacher(params["teacher"], batch["inputs"], segment_ids=batch["segment_ids"],
-                       positions=batch["positions"])
-    teacher = out[0] if isinstance(out, tuple) else out
+    if self.precomputed:
+      if FIELD not in batch:
+        raise KeyError(f"LogitDistillConfig.teacher_outputs='precomputed': the batch has no "
+                       f"{FIELD!r}; batches come from task.source(train_split).")
+      teacher = batch[FIELD]
+    else:
+      teacher = self.teacher_forward(params["teacher"], batch["inputs"], batch["segment_ids"],
+                                     batch["positions"])
     weights = batch["loss_weights"] > 0
     loss, metrics = kd_loss(logits[..., :self.vocab], teacher[..., :self.vocab],
                             batch["targets"], temperature=cfg.temperature, alpha=cfg.alpha,
@@ -346,7 +399,7 @@ class GPTDistillTask(StudentWithTeacher):
 
   def flops_per_example(self):
     settings = self.teacher.settings
-    if not isinstance(settings, GPTTaskConfig):
+    if self.precomputed or not isinstance(settings, GPTTaskConfig):  # no teacher in the step
       return self.inner.flops_per_example()
     m, n = settings.model, self.config.student.seq_length
     teacher = n * (m.backbone.flops_per_token(n, causal=True) + 3 * 2 * m.backbone.width
@@ -394,7 +447,9 @@ class FeatureDistillConfig:
   ``teacher_model`` (its encoder config). Widths may differ (the head maps
   them); the teacher sees the images at its own ``image_size`` and its
   token map is resized (bilinear) to the student's grid when they differ.
-  ``loss``: ``smooth_l1`` (with ``beta``) or ``cosine``.
+  ``loss``: ``smooth_l1`` (with ``beta``) or ``cosine``. The teacher runs in
+  the step (``teacher_outputs="in_step"``; ``precomputed`` is refused: the
+  student's views are augmented anew every step).
   """
   student: Any
   teacher: str = ""
@@ -405,8 +460,12 @@ class FeatureDistillConfig:
   data: ImageData = ImageData()
   probe: ProbeConfig = ProbeConfig()
   export_encoder: bool = True
+  teacher_outputs: str = "in_step"  # the only exact choice: the views are augmented per step
 
   def __post_init__(self):
+    check_choice("FeatureDistillConfig", self.teacher_outputs)
+    if self.teacher_outputs == "precomputed":
+      refuse_precomputed("FeatureDistillConfig", "the student encoder")
     _layer_index(self.layer)
     if self.loss not in ("smooth_l1", "cosine"):
       raise ValueError(f"FeatureDistillConfig.loss={self.loss!r}: 'smooth_l1' or 'cosine'.")
