@@ -224,7 +224,8 @@ class DINOTask(_ViewTask):
       head = student["head"]
       kernel = head["prototypes"]["kernel"]
       kernel = jnp.where(step < cfg.freeze_prototypes_steps, jax.lax.stop_gradient(kernel), kernel)
-      student = {**student, "head": {**head, "prototypes": {**head["prototypes"], "kernel": kernel}}}
+      prototypes = {**head["prototypes"], "kernel": kernel}
+      student = {**student, "head": {**head, "prototypes": prototypes}}
     teacher = jax.lax.stop_gradient(params["teacher"])
     b, v = batch["global"].shape[:2]
     global_views = _views(batch["global"])
