@@ -152,7 +152,8 @@ class DINOConfig:
   step 0, moving linearly to ``teacher_temperature`` at
   ``teacher_temperature_steps`` (DINO: 0.04 -> 0.07 over 30 epochs).
   ``freeze_prototypes_steps``: steps during which the student's prototypes
-  (the head's last layer) get no gradient.
+  (the head's last layer) get no gradient (decoupled weight decay still
+  scales them, which their weight normalization ignores).
   """
   model: SelfSupConfig
   data: ViewData = ViewData(local_views=4)
