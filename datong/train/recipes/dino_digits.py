@@ -11,9 +11,10 @@ best prediction of the teacher's target from another view is its average:
 the centered teacher becomes uniform (entropy 5.1 of 5.55 at step 50).
 Now: 2 global crops (40-100% of the area) at 16x16, jitter 0.1, Gaussian
 blur half the time, no flips, no local crops (``task.data.local_views``
-adds them back), and a sharper teacher (temperature 0.02; DINO's 0.04 with these
-views does not collapse either: 0.8917 / 0.8611 at 1000 steps, entropy 1.38). The student (the simclr-digits ViT + DINO head: 2 x
-256 MLP, 64-d L2-normalized bottleneck, 256 weight-normalized prototypes)
+adds them back), and a sharper teacher (temperature 0.02; DINO's 0.04
+with these views does not collapse either: probe 0.8917 / k-NN 0.8611 at
+1000 steps, entropy 1.38). The student (the simclr-digits ViT + DINO
+head: 2 x 256 MLP, 64-d L2-normalized bottleneck, 256 weight-normalized prototypes)
 and the teacher, an EMA of the student with momentum 0.99 -> 1 on a cosine,
 see both views; the teacher's targets are centered (momentum 0.9) and
 sharpened (0.02 vs the student's 0.1). Evaluation:
