@@ -309,8 +309,55 @@ def test_the_dino_ema_teacher_and_center_follow_their_formulas(tmp_path):
     np.testing.assert_allclose(t1, m * t0 + (1 - m) * s1, rtol=1e-5, atol=1e-7)
   assert not np.array_equal(p1["teacher"]["head"]["prototypes"]["kernel"],
                             p0["teacher"]["head"]["prototypes"]["kernel"])
-  np.testing.assert_allclose(p1["center"], 0.2 * np.asarray(metrics["update_stats"]["teacher_mean"]),
+  assert float(p1["center"]["step"]) == 1.0  # the step count the schedules read
+  np.testing.assert_allclose(p1["center"]["mean"],
+                             0.2 * np.asarray(metrics["update_stats"]["teacher_mean"]),
                              rtol=1e-5, atol=1e-7)
+
+
+def test_the_dino_teacher_temperature_schedule_equals_its_formula():
+  warm = dataclasses.replace(_dino(), warmup_teacher_temperature=0.02, teacher_temperature=0.06,
+                             teacher_temperature_steps=10)
+  for step in (0, 1, 5, 9, 10, 11, 100):
+    np.testing.assert_allclose(warm.teacher_temperature_at(step),
+                               0.02 + min(step / 10, 1.0) * (0.06 - 0.02), rtol=1e-6)
+  for step in (0, 7):  # no warmup: constant
+    np.testing.assert_allclose(_dino().teacher_temperature_at(step), 0.04, rtol=1e-6)
+  with pytest.raises(ValueError, match="warmup_teacher_temperature"):
+    dataclasses.replace(_dino(), warmup_teacher_temperature=0.0)
+  with pytest.raises(ValueError, match="freeze_prototypes_steps"):
+    dataclasses.replace(_dino(), freeze_prototypes_steps=-1)
+
+
+def test_dino_reads_its_step_frozen_prototypes_get_no_gradient_then_do():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(_dino(), warmup_teacher_temperature=0.02, teacher_temperature=0.06,
+                            teacher_temperature_steps=10, freeze_prototypes_steps=3)
+  task = cfg.build()
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.uniform(-1, 1, s.shape) if s.dtype == jnp.float32
+                          else rng.integers(0, 10, s.shape), s.dtype)
+           for k, s in task.batch_spec(4).items()}
+  params = nn.unbox(task.init(jax.random.PRNGKey(0), batch)["params"])
+  assert float(params["center"]["step"]) == 0.0
+
+  def grads_at(step):
+    p = {**params, "center": {**params["center"], "step": jnp.float32(step)}}
+    (_, metrics), g = jax.value_and_grad(lambda q: task.loss(q, batch, jax.random.PRNGKey(1)),
+                                        has_aux=True)(p)
+    np.testing.assert_allclose(metrics["teacher_temperature"], cfg.teacher_temperature_at(step),
+                               rtol=1e-6)
+    return g
+
+  for step, frozen in ((0, True), (2, True), (3, False), (8, False)):
+    g = grads_at(step)
+    proto = np.abs(np.asarray(g["head"]["prototypes"]["kernel"])).max()
+    assert (proto == 0.0) == frozen, (step, proto)
+    assert np.abs(np.asarray(g["head"]["bottleneck"]["kernel"])).max() > 0  # the rest trains
+  # Without freezing, the prototypes train from step 0.
+  plain = dataclasses.replace(cfg, freeze_prototypes_steps=0).build()
+  g = jax.grad(lambda q: plain.loss(q, batch, jax.random.PRNGKey(1))[0])(params)
+  assert np.abs(np.asarray(g["head"]["prototypes"]["kernel"])).max() > 0
 
 
 def test_a_dino_run_with_its_ema_teacher_and_center_resumes_bitwise(tmp_path):

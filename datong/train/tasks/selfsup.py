@@ -148,6 +148,12 @@ class DINOConfig:
 
   ``momentum_steps``: the steps over which the teacher's momentum rises
   from ``teacher_momentum`` to 1 (the run's ``train.steps``).
+  ``warmup_teacher_temperature`` (None: none): the teacher's temperature at
+  step 0, moving linearly to ``teacher_temperature`` at
+  ``teacher_temperature_steps`` (DINO: 0.04 -> 0.07 over 30 epochs).
+  ``freeze_prototypes_steps``: steps during which the student's prototypes
+  (the head's last layer) get no gradient (decoupled weight decay still
+  scales them, which their weight normalization ignores).
   """
   model: SelfSupConfig
   data: ViewData = ViewData(local_views=4)
@@ -156,6 +162,9 @@ class DINOConfig:
   center_momentum: float = 0.9
   student_temperature: float = 0.1
   teacher_temperature: float = 0.04
+  warmup_teacher_temperature: float | None = None
+  teacher_temperature_steps: int = 0
+  freeze_prototypes_steps: int = 0
   probe: ProbeConfig = ProbeConfig()
   export_encoder: bool = True
 
@@ -167,9 +176,22 @@ class DINOConfig:
     for name in ("teacher_momentum", "center_momentum"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"DINOConfig.{name}={getattr(self, name)}: in [0, 1).")
-    for name in ("student_temperature", "teacher_temperature"):
-      if getattr(self, name) <= 0:
+    for name in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(f"DINOConfig.{name}={getattr(self, name)}: must be > 0.")
+    for name in ("teacher_temperature_steps", "freeze_prototypes_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"DINOConfig.{name}={getattr(self, name)}: must be >= 0.")
+
+  def teacher_temperature_at(self, step):
+    """The teacher's temperature at ``step``: ``warmup_teacher_temperature``
+    at 0, linear to ``teacher_temperature`` at ``teacher_temperature_steps``,
+    constant after (and throughout without a warmup)."""
+    if self.warmup_teacher_temperature is None or self.teacher_temperature_steps == 0:
+      return jnp.asarray(self.teacher_temperature, jnp.float32)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.teacher_temperature_steps, 0.0, 1.0)
+    return self.warmup_teacher_temperature + frac * (self.teacher_temperature -
+                                                     self.warmup_teacher_temperature)
 
   def build(self) -> "DINOTask":
     return DINOTask(self)
@@ -185,7 +207,9 @@ class DINOTask(_ViewTask):
     variables = self.model.init(rng, jnp.zeros(g[:1] + g[2:]))
     student = variables["params"]
     # The teacher starts as an exact copy of the student; the center at 0.
-    center = nn.Partitioned(jnp.zeros((self.config.model.out_dim,), jnp.float32), names=(None,))
+    center = {"mean": nn.Partitioned(jnp.zeros((self.config.model.out_dim,), jnp.float32),
+                                     names=(None,)),
+              "step": nn.Partitioned(jnp.zeros((), jnp.float32), names=())}
     return {**variables, "params": {**student, "teacher": jax.tree.map(jnp.copy, student),
                                     "center": center}}
 
@@ -196,6 +220,13 @@ class DINOTask(_ViewTask):
     cfg = self.config
     global_rng, local_rng = jax.random.split(rng)
     student = student_params(params)
+    step = params["center"]["step"]
+    if cfg.freeze_prototypes_steps:
+      head = student["head"]
+      kernel = head["prototypes"]["kernel"]
+      kernel = jnp.where(step < cfg.freeze_prototypes_steps, jax.lax.stop_gradient(kernel), kernel)
+      prototypes = {**head["prototypes"], "kernel": kernel}
+      student = {**student, "head": {**head, "prototypes": prototypes}}
     teacher = jax.lax.stop_gradient(params["teacher"])
     b, v = batch["global"].shape[:2]
     global_views = _views(batch["global"])
@@ -205,10 +236,12 @@ class DINOTask(_ViewTask):
       local, _ = self.apply(student, _views(batch["local"]), train, local_rng if train else None)
       outs.append(local.reshape(batch["local"].shape[1], b, -1))
     t, _ = self.apply(teacher, global_views, False)
-    loss, metrics = dino_loss(jnp.concatenate(outs), t.reshape(v, b, -1), params["center"],
+    temperature = cfg.teacher_temperature_at(step)
+    loss, metrics = dino_loss(jnp.concatenate(outs), t.reshape(v, b, -1), params["center"]["mean"],
                               student_temperature=cfg.student_temperature,
-                              teacher_temperature=cfg.teacher_temperature)
+                              teacher_temperature=temperature)
     out = {"loss": loss, "teacher_entropy": metrics["teacher_entropy"],
+           "teacher_temperature": temperature,
            "update_stats": {"teacher_mean": metrics["teacher_mean"]}}
     return loss, with_aux_losses(out, aux)
 
@@ -217,7 +250,9 @@ class DINOTask(_ViewTask):
     teacher = ema_teacher_update(params["teacher"], student_params(params), step,
                                  total_steps=cfg.momentum_steps,
                                  base_momentum=cfg.teacher_momentum)
-    center = ema_update(params["center"], stats["teacher_mean"], cfg.center_momentum)
+    center = {"mean": ema_update(params["center"]["mean"], stats["teacher_mean"],
+                                 cfg.center_momentum),
+              "step": jnp.asarray(step + 1, jnp.float32)}
     return {**params, "teacher": teacher, "center": center}
 
   def flops_per_example(self):
