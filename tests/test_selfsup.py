@@ -184,6 +184,17 @@ def test_simclr_trains_and_is_probed_through_the_engine(tmp_path):
   assert np.isfinite(result.metrics["train/loss"])
   assert 0.1 < result.metrics["eval/knn_accuracy"] <= 1.0
   assert (tmp_path / "encoder_params.msgpack").exists()
+  # The attention PNG: the 8 test images over one row of maps per head.
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  png = np.asarray(Image.open(tmp_path / "attention_step2.png"), np.float32) / 255
+  heads, n, size, scale = 2, 8, 16, 4
+  assert png.shape == ((1 + heads) * (size + 1) * scale + scale, n * (size + 1) * scale + scale)
+  task = cfg.task.build()
+  images = np.asarray(next(iter(data_lib.iterate_once(
+      task.source(task.eval_split), batch_size=n,
+      transform=lambda ex, rng: task.preprocess(ex, rng, False))))["image"])
+  first = png[scale:scale + size * scale:scale, scale:scale + size * scale:scale]
+  np.testing.assert_allclose(first, (np.clip(images[0, ..., 0], -1, 1) + 1) / 2, atol=1 / 255)
   with pytest.raises(ValueError, match="two global views"):
     SimCLRConfig(model=SelfSupConfig(_encoder()), data=ViewData(local_views=2))
   with pytest.raises(ValueError, match="image_size"):

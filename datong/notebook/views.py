@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from datong import registry
+from datong.unimodal import encoders
 from datong.backbone import WEIGHTS_COLLECTION
 from datong.params import params_collection
-from datong.notebook._common import _finish, _path_str, _pyplot, _rng
+from datong.notebook._common import _finish, _pyplot, _rng
 from datong.notebook.models import _apply, example_inputs
 
 
@@ -141,32 +142,10 @@ def attention_weights(model: nn.Module, params, *inputs, **kwargs) -> dict[str, 
   """
   inputs = inputs or example_inputs(model)
   _, state = _apply(model, params, inputs, {**kwargs, "mutable": (WEIGHTS_COLLECTION,)})
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      state.get(WEIGHTS_COLLECTION, {}), is_leaf=lambda x: isinstance(x, tuple))[0]:
-    names = _path_str(path).split("/")[:-1]  # drop the "weights" leaf name
-    value = np.asarray(leaf[0])
-    if "layers" in names:  # scanned: [depth, batch, heads, q, kv]
-      i = names.index("layers")
-      for layer in range(value.shape[0]):
-        out["/".join(names[:i] + [f"layer_{layer}"] + names[i + 1:])] = value[layer]
-    else:
-      out["/".join(names)] = value
+  out = encoders.sown_attention_weights(state)
   if not out:
     raise ValueError(f"attention_weights: {type(model).__name__} ran no datong attention layer.")
-  return dict(sorted(out.items(), key=lambda kv: _natural(kv[0])))
-
-
-def _natural(path: str) -> list:
-  """Sort key: ``layer_10`` after ``layer_9``."""
-  return [(0, int(p[6:]), "") if p.startswith("layer_") and p[6:].isdigit() else (1, 0, p)
-          for p in path.split("/")]
-
-
-def _image_encoder(model: nn.Module, params):
-  """``(encoder module, its params)`` inside any model with an image encoder."""
-  config, enc_params = registry.encoder_of(model, params_collection(params))
-  return config.make(), enc_params
+  return out
 
 
 def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndarray:
@@ -178,24 +157,8 @@ def attention_maps(model: nn.Module, params, images, layer: int = -1) -> np.ndar
   patch receives, averaged over the queries. ``layer`` indexes the
   backbone's layers (-1: the last).
   """
-  encoder, enc_params = _image_encoder(model, params)
-  weights = list(attention_weights(encoder, enc_params, jnp.asarray(images, jnp.float32)).values())
-  depth = len(weights)
-  if not -depth <= layer < depth:
-    raise ValueError(f"attention_maps: layer={layer} but the encoder has {depth} layers "
-                     f"(valid: {-depth}..{depth - 1}).")
-  w = weights[layer]  # [batch, heads, q, kv]
-  cfg = encoder.config
-  if hasattr(cfg, "attention_map"):  # windowed attention (Swin): the encoder maps it
-    return cfg.attention_map(w, layer % depth, np.shape(images)[1:3])
-  if cfg.has_cls:
-    maps = w[:, :, 0, 1:]
-  else:
-    maps = w.mean(axis=2)
-  maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
-  gh, gw = cfg.grid if tuple(np.shape(images)[1:3]) == tuple(cfg.image_size) else \
-      (np.shape(images)[1] // cfg.patch_size[0], np.shape(images)[2] // cfg.patch_size[1])
-  return maps.reshape(maps.shape[0], maps.shape[1], gh, gw)
+  config, enc_params = registry.encoder_of(model, params_collection(params))
+  return encoders.encoder_attention_maps(config, enc_params, images, layer)
 
 
 def show_attention(images, maps, *, size: float = 1.0):

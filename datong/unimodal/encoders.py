@@ -32,13 +32,19 @@ one registry entry (``datong.registry``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["DistilledClassifier", "ImageClassifier", "ImageEncoderConfig", "check_image_encoder", "head_param_dtype",
-           "is_image_encoder"]
+from datong.backbone import WEIGHTS_COLLECTION
+
+__all__ = ["DistilledClassifier", "ImageClassifier", "ImageEncoderConfig", "attention_map",
+           "check_image_encoder", "encoder_attention_maps", "head_param_dtype",
+           "is_image_encoder", "sown_attention_weights"]
 
 
 @runtime_checkable
@@ -130,3 +136,66 @@ class DistilledClassifier(nn.Module):
     aux["class_logits"], aux["distill_logits"] = logits, distill
     aux["logits"] = jnp.logaddexp(nn.log_softmax(logits), nn.log_softmax(distill)) - jnp.log(2.0)
     return aux["logits"], aux
+
+
+# ------------------------------------------------------------ attention read-out
+
+def _natural(path: str) -> list:
+  """Sort key: ``layer_10`` after ``layer_9``."""
+  return [(0, int(p[6:]), "") if p.startswith("layer_") and p[6:].isdigit() else (1, 0, p)
+          for p in path.split("/")]
+
+
+def sown_attention_weights(state) -> dict[str, np.ndarray]:
+  """The attention probabilities an ``apply(..., mutable=[WEIGHTS_COLLECTION])``
+  sowed, ``{module path: [batch, heads, q, kv]}`` in layer order (scanned
+  layers split into ``layer_<i>`` entries)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      state.get(WEIGHTS_COLLECTION, {}), is_leaf=lambda x: isinstance(x, tuple))[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path][:-1]  # drop "weights"
+    value = np.asarray(leaf[0])
+    if "layers" in names:  # scanned: [depth, batch, heads, q, kv]
+      i = names.index("layers")
+      for layer in range(value.shape[0]):
+        out["/".join(names[:i] + [f"layer_{layer}"] + names[i + 1:])] = value[layer]
+    else:
+      out["/".join(names)] = value
+  return dict(sorted(out.items(), key=lambda kv: _natural(kv[0])))
+
+
+def attention_map(config: Any, weights: np.ndarray, layer: int, image_hw) -> np.ndarray:
+  """Where an image encoder's layer ``layer`` looks, from its attention
+  ``weights [batch, heads, q, kv]`` on images of size ``image_hw``:
+  ``[batch, heads, grid_h, grid_w]``, each map summing to 1. With a [CLS]
+  token: the [CLS] query's attention over the patches (renormalized without
+  the [CLS] key); without one: the attention each patch receives, averaged
+  over the queries. Windowed encoders (Swin) map their windows back
+  themselves (``config.attention_map``)."""
+  if hasattr(config, "attention_map"):
+    return config.attention_map(weights, layer, tuple(image_hw))
+  maps = weights[:, :, 0, 1:] if config.has_cls else weights.mean(axis=2)
+  maps = maps / np.maximum(maps.sum(-1, keepdims=True), 1e-12)
+  gh, gw = (config.grid if tuple(image_hw) == tuple(config.image_size) else
+            (image_hw[0] // config.patch_size[0], image_hw[1] // config.patch_size[1]))
+  return maps.reshape(maps.shape[0], maps.shape[1], gh, gw)
+
+
+@functools.lru_cache(maxsize=16)
+def _sowing_apply(config: Any):
+  """``config``'s module applied with the attention weights sown, jitted once."""
+  return jax.jit(lambda p, x: config.make().apply({"params": p}, x,
+                                                  mutable=(WEIGHTS_COLLECTION,)))
+
+
+def encoder_attention_maps(config: Any, params, images, layer: int = -1) -> np.ndarray:
+  """``attention_map`` of the image encoder ``config`` (its ``make()``d
+  module with ``params``) on ``images [b, h, w, c]``; ``layer`` indexes its
+  layers (-1: the last)."""
+  images = jnp.asarray(images, jnp.float32)
+  _, state = _sowing_apply(config)(params, images)
+  weights = list(sown_attention_weights(state).values())
+  if not -len(weights) <= layer < len(weights):
+    raise ValueError(f"attention_maps: layer={layer} but the encoder has {len(weights)} layers "
+                     f"(valid: {-len(weights)}..{len(weights) - 1}).")
+  return attention_map(config, weights[layer], layer % len(weights), images.shape[1:3])

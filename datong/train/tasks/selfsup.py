@@ -22,10 +22,12 @@ features (``datong.train.tasks.probes``), and export the encoder to
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from datong.multimodal.contrastive import nt_xent_loss
 from datong.ops.distill import dino_loss, ema_update
@@ -34,6 +36,8 @@ from datong.train.tasks.distill import ema_teacher_update, frozen_mask, student_
 from datong.train.tasks.probes import ProbeConfig, probe_metrics, select_features
 from datong.train.tasks.views import ViewData
 from datong.train.tasks.vision import export_encoder
+from datong.unimodal.encoders import encoder_attention_maps
+from datong.unimodal.igpt import save_image_grid
 from datong.unimodal.selfsup import SelfSupConfig, SelfSupModel
 
 
@@ -81,9 +85,29 @@ class _ViewTask(Task):
 
     metrics = probe_metrics(jax.jit(features), params, ctx, self.config.probe,
                             self.train_split, self.eval_split)
-    if self.config.export_encoder and ctx.workdir and jax.process_index() == 0:
-      export_encoder(params, ctx.workdir)
+    if ctx.workdir and jax.process_index() == 0:
+      if self.config.export_encoder:
+        export_encoder(params, ctx.workdir)
+      if self.config.attention_png:
+        images = np.asarray(next(iter(ctx.batches(self.eval_split)))["image"])
+        self.attention_png(params["encoder"], images[:self.config.attention_png],
+                           os.path.join(ctx.workdir, f"attention_step{ctx.step}.png"))
     return metrics
+
+  def attention_png(self, encoder_params, images, path: str) -> str:
+    """A PNG of ``images`` (top row) over the last layer's attention map of
+    each head (a row per head; each tile scaled to its own min..max): DINO's
+    "where the model looks" figure, for any view-based encoder."""
+    maps = encoder_attention_maps(self.config.model.encoder, encoder_params, images)
+    n, heads, gh, gw = maps.shape
+    h, w = images.shape[1:3]
+    tiles = np.repeat(np.repeat(maps, h // gh, axis=2), w // gw, axis=3)  # [n, heads, h, w]
+    lo = tiles.min(axis=(2, 3), keepdims=True)
+    hi = tiles.max(axis=(2, 3), keepdims=True)
+    tiles = 2 * (tiles - lo) / np.maximum(hi - lo, 1e-12) - 1
+    tiles = np.repeat(np.swapaxes(tiles, 0, 1)[..., None], images.shape[-1], axis=-1)
+    rows = np.concatenate([np.clip(images, -1, 1)[None], tiles]).reshape((-1, h, w, images.shape[-1]))
+    return save_image_grid(path, rows, cols=n)
 
   def tokens_per_example(self):
     d = self.config.data
@@ -106,6 +130,7 @@ class SimCLRConfig:
   temperature: float = 0.2
   probe: ProbeConfig = ProbeConfig()
   export_encoder: bool = True
+  attention_png: int = 8  # test images in the attention-map PNG (0: none)
 
   def __post_init__(self):
     if self.model.head != "simclr":
@@ -167,6 +192,7 @@ class DINOConfig:
   freeze_prototypes_steps: int = 0
   probe: ProbeConfig = ProbeConfig()
   export_encoder: bool = True
+  attention_png: int = 8  # test images in the attention-map PNG (0: none)
 
   def __post_init__(self):
     if self.model.head != "dino":
