@@ -27,8 +27,9 @@ CPU shared with other jobs: ``datong train dino-digits --workdir
 /tmp/dino-digits`` (batch 128, learning rate 1e-3 with 200 warmup steps),
 1000 steps: probe 0.9111, k-NN 0.8972 in 4m09s under a load average of
 1.8-2.3 (run at commit 5280262 as ``--set train.batch_size=128 --set
-optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=200``); final
-loss 0.88, teacher entropy 0.21 (of ln 256 = 5.55). Batch 64 at 5e-4 with
+optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=200``; the
+default command at commit f29870d gave the same numbers in 4m00s, load
+1.1-2.6); final loss 0.88, teacher entropy 0.21 (of ln 256 = 5.55). Batch 64 at 5e-4 with
 100 warmup steps (the previous default, commit b2ed131): 0.9028 / 0.8306
 in 4m51s (load 3.2-4.8), final loss 0.93, entropy 0.25; batch 128 at
 5e-4: 0.9083 / 0.8778 in 7m54s (load 4.6-4.9), loss 1.02, entropy 0.21.
