@@ -22,6 +22,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recipes as recipes_bench  # pylint: disable=wrong-import-position
 
+# The recipe bench's run, metrics and clock helpers, shared rather than copied.
+# pylint: disable-next=protected-access
+_run, _metrics, _clock = recipes_bench._run, recipes_bench._metrics, recipes_bench._clock
+
 RECIPE = "unified-digits"
 # member -> (eval metric, what is better)
 HEADLINES = {
@@ -48,12 +52,12 @@ def run(name: str, workroot: str, overrides: list[str]) -> dict:
     cmd += ["--set", s]
   os.makedirs(workroot, exist_ok=True)
   load_start = os.getloadavg()[0]
-  rc, wall, cpu = recipes_bench._run(cmd, os.path.join(workroot, f"{name}.log"))  # pylint: disable=protected-access
+  rc, wall, cpu = _run(cmd, os.path.join(workroot, f"{name}.log"))
   load_end = os.getloadavg()[0]
   if rc != 0:
     raise RuntimeError(f"{shown} exited {rc}; see {os.path.join(workroot, name + '.log')}")
   evals = {}
-  for record in recipes_bench._metrics(workdir):  # pylint: disable=protected-access
+  for record in _metrics(workdir):
     evals.update({k: v for k, v in record.items() if k.startswith("eval/")})
   out = dict(run=name, evals=evals, wall=wall, cpu=cpu, load=(load_start, load_end),
              commit=recipes_bench.commit(), command=shown)
@@ -72,13 +76,13 @@ def table(results: dict) -> str:
     a = alone["evals"].get(key) if alone else None
     j = joint["evals"].get(key) if joint else None
     diff = "" if a is None or j is None else f"{j - a:+.4f} ({better} is better)"
-    clock = (f"{recipes_bench._clock(alone['wall'])} / {recipes_bench._clock(alone['cpu'])} / "  # pylint: disable=protected-access
+    clock = (f"{_clock(alone['wall'])} / {_clock(alone['cpu'])} / "
              f"{alone['load'][0]:.1f} → {alone['load'][1]:.1f}") if alone else ""
     lines.append(f"| {member} | `{metric}` | {'' if j is None else f'{j:.4f}'} | "
                  f"{'' if a is None else f'{a:.4f}'} | {diff} | {clock} |")
   if joint:
-    lines.append(f"\nunified: {recipes_bench._clock(joint['wall'])} wall, "  # pylint: disable=protected-access
-                 f"{recipes_bench._clock(joint['cpu'])} CPU, load {joint['load'][0]:.1f} → "  # pylint: disable=protected-access
+    lines.append(f"\nunified: {_clock(joint['wall'])} wall, "
+                 f"{_clock(joint['cpu'])} CPU, load {joint['load'][0]:.1f} → "
                  f"{joint['load'][1]:.1f}, at {joint['commit']}: `{joint['command']}`")
   return "\n".join(lines)
 
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
   results = {}
   for name in names:
     results[name] = run(name, args.workroot, args.overrides)
-    print(f"{name}: {recipes_bench._clock(results[name]['wall'])}", flush=True)  # pylint: disable=protected-access
+    print(f"{name}: {_clock(results[name]['wall'])}", flush=True)
     if args.out:
       with open(args.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
